@@ -1,0 +1,277 @@
+"""`MSTConfig`: every knob of Mixed Sparsity Training, validated on construction, saved as ``mst_config.json``."""
+
+import copy
+import json
+import os
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from . import schedule
+
+MST_CONFIG_NAME = "mst_config.json"
+GROW_METHODS = ("gradient", "random", "mixed")
+SPARSITY_DISTRIBUTIONS = ("erdos_renyi", "uniform")
+HSA_PATTERNS = ("dense", "local", "strided", "local_strided", "fixed")
+DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
+
+# Named presets. Each is documented in docs/concepts.md; `from_preset` returns a fresh config.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's GPT-2 recipe: short warm-up, long 90% ultra-sparse phase with hybrid sparse attention,
+    # restoration to dense. Counted (not timed) FLOP reduction for GPT-2 124M at context 1024: see `mst_hf.plan`.
+    "gpt2-4x": dict(
+        initial_sparsity=0.0,
+        ultra_sparsity=0.9,
+        final_sparsity=0.0,
+        warmup_ratio=0.1,
+        restoration_ratio=0.2,
+        hsa_pattern="local_strided",
+        hsa_window=128,
+        hsa_stride=128,
+        hsa_phases=[schedule.ULTRA],
+    ),
+    # Constant-sparsity RigL (gradient growth, no sparsity variation, dense attention), for comparison.
+    "rigl-0.9": dict(
+        initial_sparsity=0.9,
+        ultra_sparsity=0.9,
+        final_sparsity=0.9,
+        warmup_ratio=0.0,
+        restoration_ratio=0.0,
+        grow_method="gradient",
+        hsa_pattern="dense",
+    ),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MSTConfig(PretrainedConfig):
+    r"""Configuration of a Mixed Sparsity Training run.
+
+    Sparsities are fractions of zero weights over the targeted matrices (global; per-layer values come from
+    ``sparsity_distribution``). Phase lengths are fractions of the run's optimizer steps. See ``docs/concepts.md``
+    for the formulas and ``mst_hf.schedule`` for their implementation.
+
+    Args:
+        initial_sparsity: sparsity at step 0 (0.0: start dense).
+        ultra_sparsity: sparsity of the ultra-sparsification phase.
+        final_sparsity: sparsity reached at the end of restoration (0.0: end dense).
+        warmup_ratio / restoration_ratio: phase lengths as fractions of the run; their sum must be <= 1.
+        warmup_curve / restoration_curve: ``"cubic"``, ``"linear"`` or ``"cosine"``.
+        update_interval: optimizer steps between topology updates (an update also happens at each phase start).
+        drop_fraction: ``zeta_0``, the fraction of active connections dropped and regrown at an update.
+        drop_fraction_schedule: ``"cosine"`` (over the run), ``"cosine_per_phase"`` or ``"constant"``.
+        grow_method: ``"gradient"`` (RigL), ``"random"`` (SET), ``"mixed"`` (MG), or a dict phase -> method.
+        mixed_gradient_fraction: share of ``mixed`` growth chosen by gradient; the rest is uniform random.
+        sparsity_distribution: ``"erdos_renyi"`` or ``"uniform"`` layer-wise allocation.
+        target_modules / exclude_modules: module-name suffixes (list) or a full-match regex (str); ``None`` uses the
+            per-``model_type`` default table in ``mst_hf.targets``.
+        sparsify_lm_head: include the LM head (the shared matrix when tied to the token embedding).
+        seed: seed of the random growth (identical on every rank).
+        hsa_pattern: ``"dense"``, ``"local"``, ``"strided"``, ``"local_strided"`` or ``"fixed"``.
+        hsa_window / hsa_stride / hsa_block: local window, stride, and block size of the ``fixed`` pattern.
+        hsa_phases: phases in which the sparse pattern is on (dense causal elsewhere).
+        hsa_layers: ``"all"``, ``"alternate"`` (odd layers sparse) or a list of layer indices.
+        hsa_head_split: half the heads local, half strided (only for ``local_strided``).
+    """
+
+    model_type = "mst"
+
+    initial_sparsity: float = 0.0
+    ultra_sparsity: float = 0.9
+    final_sparsity: float = 0.0
+    warmup_ratio: float = 0.1
+    restoration_ratio: float = 0.2
+    warmup_curve: str = "cubic"
+    restoration_curve: str = "cubic"
+    update_interval: int = 100
+    drop_fraction: float = 0.3
+    drop_fraction_schedule: str = "cosine"
+    grow_method: str | dict | None = None
+    mixed_gradient_fraction: float = 0.75
+    sparsity_distribution: str = "erdos_renyi"
+    target_modules: list | str | None = None
+    exclude_modules: list | str | None = None
+    sparsify_lm_head: bool = True
+    seed: int = 0
+    hsa_pattern: str = "local_strided"
+    hsa_window: int = 128
+    hsa_stride: int = 128
+    hsa_block: int = 128
+    hsa_phases: list | None = None
+    hsa_layers: list | str = "all"
+    hsa_head_split: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.grow_method is None:
+            self.grow_method = dict(DEFAULT_GROW_METHOD)
+        if self.hsa_phases is None:
+            self.hsa_phases = [schedule.ULTRA]
+        if isinstance(self.hsa_phases, (tuple, str)):
+            self.hsa_phases = [self.hsa_phases] if isinstance(self.hsa_phases, str) else list(self.hsa_phases)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        super().__post_init__(**kwargs)
+        self.validate_mst()
+
+    # ------------------------------------------------------------------ validation
+    def validate_mst(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first invalid field, its value and the fix."""
+        for name in ("initial_sparsity", "ultra_sparsity", "final_sparsity"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+        for name in ("warmup_ratio", "restoration_ratio"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be a fraction of the run in [0, 1], got {value!r}.")
+        if self.warmup_ratio + self.restoration_ratio > 1.0:
+            raise ValueError(
+                f"`warmup_ratio` + `restoration_ratio` must not exceed 1 (the phases must fit in the run), got "
+                f"{self.warmup_ratio!r} + {self.restoration_ratio!r} = {self.warmup_ratio + self.restoration_ratio!r}."
+            )
+        for name in ("warmup_curve", "restoration_curve"):
+            if getattr(self, name) not in schedule.CURVES:
+                raise ValueError(f"`{name}` must be one of {schedule.CURVES}, got {getattr(self, name)!r}.")
+        if not _is_int(self.update_interval) or self.update_interval < 1:
+            raise ValueError(f"`update_interval` must be a positive number of steps, got {self.update_interval!r}.")
+        if not _is_number(self.drop_fraction) or not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"`drop_fraction` must be in [0, 1], got {self.drop_fraction!r}.")
+        if self.drop_fraction_schedule not in schedule.DROP_FRACTION_SCHEDULES:
+            raise ValueError(
+                f"`drop_fraction_schedule` must be one of {schedule.DROP_FRACTION_SCHEDULES}, "
+                f"got {self.drop_fraction_schedule!r}."
+            )
+        self._validate_grow_method()
+        if not _is_number(self.mixed_gradient_fraction) or not 0.0 <= self.mixed_gradient_fraction <= 1.0:
+            raise ValueError(f"`mixed_gradient_fraction` must be in [0, 1], got {self.mixed_gradient_fraction!r}.")
+        if self.sparsity_distribution not in SPARSITY_DISTRIBUTIONS:
+            raise ValueError(
+                f"`sparsity_distribution` must be one of {SPARSITY_DISTRIBUTIONS}, got {self.sparsity_distribution!r}."
+            )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise TypeError(f"`{name}` must be None, a regex string or a list of module-name suffixes, got {value!r}.")
+        if not isinstance(self.sparsify_lm_head, bool):
+            raise TypeError(f"`sparsify_lm_head` must be True or False, got {self.sparsify_lm_head!r}.")
+        if not _is_int(self.seed):
+            raise TypeError(f"`seed` must be an int, got {self.seed!r}.")
+        self._validate_hsa()
+
+    def _validate_grow_method(self) -> None:
+        method = self.grow_method
+        if isinstance(method, str):
+            if method not in GROW_METHODS:
+                raise ValueError(f"`grow_method` must be one of {GROW_METHODS} or a dict phase -> method, got {method!r}.")
+            return
+        if not isinstance(method, dict):
+            raise TypeError(f"`grow_method` must be a method name or a dict phase -> method name, got {method!r}.")
+        unknown_phases = sorted(set(method) - set(schedule.PHASES))
+        missing = [p for p in schedule.PHASES if p not in method]
+        if unknown_phases or missing:
+            raise ValueError(
+                f"`grow_method` dict must have exactly the keys {schedule.PHASES}, got {sorted(method)!r} "
+                f"(unknown {unknown_phases}, missing {missing})."
+            )
+        for phase_name, name in method.items():
+            if name not in GROW_METHODS:
+                raise ValueError(f"`grow_method[{phase_name!r}]` must be one of {GROW_METHODS}, got {name!r}.")
+
+    def _validate_hsa(self) -> None:
+        if self.hsa_pattern not in HSA_PATTERNS:
+            raise ValueError(f"`hsa_pattern` must be one of {HSA_PATTERNS}, got {self.hsa_pattern!r}.")
+        for name in ("hsa_window", "hsa_stride", "hsa_block"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int (a number of positions), got {value!r}.")
+        bad = [p for p in self.hsa_phases if p not in schedule.PHASES]
+        if bad:
+            raise ValueError(f"`hsa_phases` may only hold {schedule.PHASES}, got {self.hsa_phases!r}.")
+        layers = self.hsa_layers
+        if isinstance(layers, str):
+            if layers not in ("all", "alternate"):
+                raise ValueError(f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
+        elif not (isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers)):
+            raise ValueError(f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices >= 0, got {layers!r}.")
+        if not isinstance(self.hsa_head_split, bool):
+            raise TypeError(f"`hsa_head_split` must be True or False, got {self.hsa_head_split!r}.")
+        if self.hsa_head_split and self.hsa_pattern != "local_strided":
+            raise ValueError(
+                f"`hsa_head_split=True` splits heads between the local and strided halves of 'local_strided'; "
+                f"it needs `hsa_pattern='local_strided'`, got {self.hsa_pattern!r}."
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MSTConfig":
+        """A named recipe (see ``PRESETS``), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
+        fields = copy.deepcopy(PRESETS[name])
+        fields.update(overrides)
+        return cls(**fields)
+
+    # ------------------------------------------------------------------ (de)serialisation under mst_config.json
+    def mst_dict(self) -> dict[str, Any]:
+        """The MST fields only (no generic PretrainedConfig keys), JSON-ready."""
+        data = {name: copy.deepcopy(getattr(self, name)) for name in self.__dataclass_fields__ if name in _MST_FIELDS}
+        data["model_type"] = self.model_type
+        return data
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
+        """Write ``mst_config.json`` into ``save_directory`` (never the model's ``config.json``).
+
+        ``extra`` (a dict, optional keyword) is stored next to the fields, e.g. the step the config was saved at.
+        With ``push_to_hub=True`` the folder is uploaded with the usual ``push_to_hub`` keyword arguments."""
+        extra = kwargs.pop("extra", None) or {}
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.mst_dict()
+        data.update(extra)
+        path = os.path.join(save_directory, MST_CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            api = HfApi(token=kwargs.pop("token", None))
+            repo_id = api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None)).repo_id
+            api.upload_file(path_or_fileobj=path, path_in_repo=MST_CONFIG_NAME, repo_id=repo_id,
+                            commit_message=kwargs.pop("commit_message", "Upload MST config"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MSTConfig":
+        """Load ``mst_config.json`` from a folder (or a Hub repo, when reachable); keyword arguments override."""
+        kwargs.pop("_configuration_file", None)
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, _configuration_file=MST_CONFIG_NAME)
+        data = {k: v for k, v in config_dict.items() if k in _MST_FIELDS}
+        data.update(kwargs)
+        return cls(**data)
+
+    @classmethod
+    def saved_extra(cls, directory: str | os.PathLike) -> dict[str, Any]:
+        """The non-field entries stored next to a saved config (e.g. ``saved_at_step``), or ``{}``."""
+        path = os.path.join(directory, MST_CONFIG_NAME)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return {k: v for k, v in data.items() if k not in _MST_FIELDS and k != "model_type"}
+
+
+_MST_FIELDS = frozenset(
+    name for name in MSTConfig.__dataclass_fields__ if name not in PretrainedConfig.__dataclass_fields__
+)

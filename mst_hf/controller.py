@@ -1,0 +1,153 @@
+"""`MSTController`: drives masks, schedule and attention through a training run, with or without `MSTTrainer`.
+
+A custom training loop uses it like this::
+
+    ctl = MSTController(model, mst_config)
+    for step in range(total_steps):
+        ctl.before_forward(step, total_steps)           # hybrid sparse attention on/off for this step
+        loss = model(**batch).loss; loss.backward()
+        ctl.after_backward(step, total_steps, optimizer)  # topology update when due, then mask the gradients
+        optimizer.step(); optimizer.zero_grad()
+        ctl.after_optimizer_step()                       # pruned weights back to exactly 0
+
+``MSTTrainer`` makes exactly these calls from its ``training_step`` and a callback.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import schedule, topology
+from .masks import MaskState
+from .targets import TargetWeight, require_targets, unwrap_model
+
+_SEED_MOD = 2**62
+
+
+class MSTController:
+    """Owns the :class:`MaskState` of a model and applies the MST schedule to it."""
+
+    def __init__(self, model: nn.Module, mst_config, initialize_masks: bool = True):
+        self.model = model
+        self.config = mst_config
+        self.targets: dict[str, TargetWeight] = require_targets(model, mst_config)
+        self.masks = MaskState({name: t.param for name, t in self.targets.items()})
+        self.history: list[dict] = []  # one record per topology update
+        self.last_update_step: int | None = None
+        self.hsa_on: bool | None = None
+        if initialize_masks and mst_config.initial_sparsity > 0:
+            self._random_initial_masks(mst_config.initial_sparsity)
+
+    # ------------------------------------------------------------------ helpers
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(t.n_in, t.n_out) for t in self.targets.values()]
+
+    def target_densities(self, sparsity: float) -> dict[str, float]:
+        """Per-layer densities for a global ``sparsity`` under the configured allocation."""
+        densities = topology.allocate(self.shapes(), sparsity, self.config.sparsity_distribution)
+        return dict(zip(self.targets, densities))
+
+    def _generator(self, step: int, layer_index: int, device: torch.device) -> torch.Generator:
+        """A generator that depends only on (seed, step, layer): identical on every rank, and nothing to save."""
+        g = torch.Generator(device=device)
+        g.manual_seed((self.config.seed * 1_000_003 + (step + 1) * 10_007 + layer_index) % _SEED_MOD)
+        return g
+
+    @torch.no_grad()
+    def _random_initial_masks(self, sparsity: float) -> None:
+        for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
+            param = self.targets[name].param
+            n_active = topology.active_count(param.numel(), density)
+            mask = topology.random_mask(tuple(param.shape), n_active, self._generator(-1, i, param.device), param.device)
+            self.masks.set_mask(name, mask)
+        self.masks.apply_to_weights()
+
+    def _broadcast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Make rank 0's masks everyone's (they already agree when weights and gradients do: this is a guard)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return masks
+        names = list(masks)
+        flat = torch.cat([masks[n].flatten().to(torch.uint8) for n in names])
+        dist.broadcast(flat, src=0)
+        out, offset = {}, 0
+        for n in names:
+            numel = masks[n].numel()
+            out[n] = flat[offset : offset + numel].view(masks[n].shape).bool()
+            offset += numel
+        return out
+
+    # ------------------------------------------------------------------ the three hooks
+    def before_forward(self, step: int, total_steps: int) -> bool:
+        """Switch hybrid sparse attention on or off for ``step``; returns whether it is on."""
+        on = schedule.hsa_active(step, total_steps, self.config)
+        if on != self.hsa_on and self.config.hsa_pattern != "dense":
+            from . import attention
+
+            if attention.get_hsa_state(unwrap_model(self.model)) is not None:
+                attention.set_hsa_active(unwrap_model(self.model), on)
+            self.hsa_on = on
+        return on
+
+    def after_backward(self, step: int, total_steps: int, optimizer=None) -> dict | None:
+        """After the (accumulated, all-reduced) backward of ``step``: update the topology when due, then mask the
+        gradients. Returns the update's record, or ``None`` when no update happened."""
+        record = None
+        if schedule.is_update_step(step, total_steps, self.config) and self.last_update_step != step:
+            record = self.update_topology(step, total_steps, optimizer)
+        self.masks.apply_to_grads()
+        return record
+
+    def after_optimizer_step(self) -> None:
+        """Put pruned weights back to exactly zero (AdamW's decoupled decay keeps zeros at zero; this is a guard)."""
+        self.masks.apply_to_weights()
+
+    # ------------------------------------------------------------------ topology evolution
+    @torch.no_grad()
+    def update_topology(self, step: int, total_steps: int, optimizer=None) -> dict:
+        """Drop and grow connections of every target layer toward the schedule's target sparsity at ``step``."""
+        cfg = self.config
+        sparsity = schedule.target_sparsity(step, total_steps, cfg)
+        zeta = schedule.drop_fraction(step, total_steps, cfg)
+        method = schedule.grow_method(step, total_steps, cfg)
+        new_masks, n_drop, n_grow = {}, 0, 0
+        for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
+            param = self.targets[name].param
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            target_active = topology.active_count(param.numel(), density)
+            new_masks[name], dropped, grown = topology.evolve(
+                self.masks.masks[name], param, grad, target_active, zeta, method,
+                generator=self._generator(step, i, param.device), gradient_fraction=cfg.mixed_gradient_fraction,
+            )
+            n_drop += dropped
+            n_grow += grown
+        new_masks = self._broadcast(new_masks)
+        removed = added = 0
+        for name, mask in new_masks.items():
+            r, a = self.masks.set_mask(name, mask, optimizer)
+            removed += r
+            added += a
+        record = {
+            "step": step,
+            "phase": schedule.phase(step, total_steps, cfg),
+            "target_sparsity": sparsity,
+            "sparsity": self.masks.sparsity(),
+            "drop_fraction": zeta,
+            "grow_method": method,
+            "dropped": n_drop,
+            "grown": n_grow,
+            "net_removed": removed,
+            "net_added": added,
+        }
+        self.history.append(record)
+        self.last_update_step = step
+        return record
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything beyond the masks needed to resume (the random growth needs no state: its generator is a
+        function of the seed, the step and the layer)."""
+        return {"last_update_step": self.last_update_step, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_update_step = state.get("last_update_step")
+        self.history = list(state.get("history", []))

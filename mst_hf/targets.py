@@ -1,0 +1,136 @@
+"""Which weight matrices MST sparsifies.
+
+Default: every 2-D projection of the decoder (attention q/k/v/o or GPT-2's fused ``c_attn``/``c_proj``, MLP
+up/gate/down or ``c_fc``/``c_proj``) plus the LM head. Position/token embeddings (unless the LM head is tied to
+the token embedding), norms and biases stay dense. ``target_modules``/``exclude_modules`` override the default,
+PEFT-style: a list of module-name suffixes, or one regex that must match the whole module name.
+"""
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Per-model-type default projections (module-name suffixes); unknown types use every Linear/Conv1D of the model.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "olmo2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "smollm3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "granite": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+@dataclass
+class TargetWeight:
+    """One sparsified matrix: its parameter, the module using it, and its matmul shape ``n_in x n_out``."""
+
+    name: str  # parameter name as in model.named_parameters() (tied weights: the first name)
+    module_name: str
+    param: nn.Parameter
+    n_in: int
+    n_out: int
+    is_lm_head: bool = False
+    tied: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.n_in * self.n_out
+
+
+def _matches(name: str, spec) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    weight = module.weight
+    if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]  # nn.Linear stores (out, in)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / torch.compile / PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def find_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
+    """Map parameter name -> :class:`TargetWeight` for every matrix MST sparsifies, in module order."""
+    model = unwrap_model(model)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    include = mst_config.target_modules
+    if include is None:
+        include = DEFAULT_TARGET_MODULES.get(model_type)
+    exclude = mst_config.exclude_modules
+
+    targets: dict[str, TargetWeight] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or getattr(module, "weight", None) is None:
+            continue
+        if module.weight.ndim != 2 or id(module.weight) not in param_names:
+            continue
+        is_head = module is output_embeddings
+        if is_head:
+            if not mst_config.sparsify_lm_head:
+                continue
+        elif include is not None and not _matches(module_name, include):
+            continue
+        if exclude is not None and _matches(module_name, exclude):
+            continue
+        name = param_names[id(module.weight)]
+        if name in targets:
+            continue
+        n_in, n_out = _shape(module)
+        tied = input_embeddings is not None and getattr(input_embeddings, "weight", None) is module.weight
+        targets[name] = TargetWeight(name, module_name, module.weight, n_in, n_out, is_head, tied)
+    return targets
+
+
+def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
+    """:func:`find_targets`, raising a clear error when nothing would be sparsified."""
+    targets = find_targets(model, mst_config)
+    if not targets:
+        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+        raise ValueError(
+            f"MST found no weight matrix to sparsify in this {type(unwrap_model(model)).__name__} "
+            f"(model_type={model_type!r}) with target_modules={mst_config.target_modules!r}, "
+            f"exclude_modules={mst_config.exclude_modules!r}, sparsify_lm_head={mst_config.sparsify_lm_head!r}. "
+            "Set `target_modules` to the names of its nn.Linear/Conv1D projections."
+        )
+    for t in targets.values():
+        if not t.param.dtype.is_floating_point:
+            raise TypeError(f"Target weight `{t.name}` has dtype {t.param.dtype}; MST needs floating-point weights "
+                            "(quantised models are not supported: exclude it with `exclude_modules`).")
+    return targets
+
+
+def layer_sparsities(model: nn.Module, mst_config, sparsity: float) -> dict[str, float]:
+    """``{parameter_name: sparsity}`` the configured allocation gives each target at global ``sparsity``.
+
+    Only shapes are read, so a model built on the ``meta`` device works (no memory for weights).
+    """
+    from .topology import allocate
+
+    targets = find_targets(model, mst_config)
+    densities = allocate([(t.n_in, t.n_out) for t in targets.values()], sparsity, mst_config.sparsity_distribution)
+    return {name: 1.0 - d for name, d in zip(targets, densities)}

@@ -1,0 +1,144 @@
+"""Pure tensor functions of dynamic sparse training: layer allocation, drop and grow.
+
+No transformers import. Masks are boolean tensors shaped like their weight; ``True`` means active.
+"""
+
+import math
+
+import torch
+
+# --------------------------------------------------------------------------- layer-wise allocation
+
+
+def erdos_renyi_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
+    """Per-layer densities whose weighted mean is ``1 - sparsity``, with density proportional to
+    ``(n_in + n_out) / (n_in * n_out)`` (Erdős–Rényi, Mocanu et al. 2018; Evci et al. 2020).
+
+    A layer whose density would exceed 1 is made dense and the scale recomputed over the others.
+    """
+    numels = [n_in * n_out for n_in, n_out in shapes]
+    raw = [(n_in + n_out) / (n_in * n_out) for n_in, n_out in shapes]
+    dense: set[int] = set()
+    budget = (1.0 - sparsity) * sum(numels)
+    while True:
+        free = [i for i in range(len(shapes)) if i not in dense]
+        remaining = budget - sum(numels[i] for i in dense)
+        denominator = sum(raw[i] * numels[i] for i in free)
+        scale = remaining / denominator if denominator > 0 else 0.0
+        over = [i for i in free if scale * raw[i] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
+
+
+def uniform_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
+    """Every layer at the global density ``1 - sparsity``."""
+    return [1.0 - sparsity for _ in shapes]
+
+
+ALLOCATIONS = {"erdos_renyi": erdos_renyi_densities, "uniform": uniform_densities}
+
+
+def allocate(shapes: list[tuple[int, int]], sparsity: float, distribution: str) -> list[float]:
+    """Per-layer densities for a global ``sparsity`` under the named distribution."""
+    if distribution not in ALLOCATIONS:
+        raise ValueError(f"Unknown sparsity distribution {distribution!r}; choose one of {sorted(ALLOCATIONS)}.")
+    if sparsity <= 0.0:
+        return [1.0 for _ in shapes]
+    return ALLOCATIONS[distribution](shapes, sparsity)
+
+
+def active_count(numel: int, density: float) -> int:
+    """Number of active connections of a layer of ``numel`` weights at ``density`` (round half up, clipped)."""
+    return min(numel, max(0, int(math.floor(density * numel + 0.5))))
+
+
+# --------------------------------------------------------------------------- drop and grow
+
+
+def drop_by_magnitude(weight: torch.Tensor, mask: torch.Tensor, n_drop: int) -> torch.Tensor:
+    """Return ``mask`` with its ``n_drop`` active entries of smallest ``|weight|`` switched off."""
+    if n_drop <= 0:
+        return mask.clone()
+    score = weight.detach().abs().float().flatten()
+    score = score.masked_fill(~mask.flatten(), float("inf"))
+    idx = torch.topk(score, n_drop, largest=False, sorted=False).indices
+    new = mask.clone().flatten()
+    new[idx] = False
+    return new.view_as(mask)
+
+
+def _grow_top(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (flat) of the ``n`` candidate positions with the largest score."""
+    if n <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    s = scores.float().flatten().masked_fill(~candidates.flatten(), float("-inf"))
+    return torch.topk(s, n, largest=True, sorted=False).indices
+
+
+def _random_scores(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(like.numel(), generator=generator, device=generator.device).to(like.device)
+
+
+def grow_by_gradient(mask, grad, n_grow, generator=None, **_):
+    """RigL: grow the ``n_grow`` inactive positions with the largest ``|dense gradient|``."""
+    new = mask.clone().flatten()
+    new[_grow_top(grad.detach().abs(), ~mask, n_grow)] = True
+    return new.view_as(mask)
+
+
+def grow_random(mask, grad, n_grow, generator=None, **_):
+    """SET: grow ``n_grow`` inactive positions uniformly at random (from ``generator``)."""
+    new = mask.clone().flatten()
+    new[_grow_top(_random_scores(mask, generator), ~mask, n_grow)] = True
+    return new.view_as(mask)
+
+
+def grow_mixed(mask, grad, n_grow, generator=None, gradient_fraction: float = 0.75, **_):
+    """MG (mixed growing): ``round(gradient_fraction * n_grow)`` by gradient, the rest uniformly at random."""
+    n_gradient = int(math.floor(gradient_fraction * n_grow + 0.5))
+    by_gradient = grow_by_gradient(mask, grad, n_gradient)
+    return grow_random(by_gradient, grad, n_grow - n_gradient, generator=generator)
+
+
+GROW_FUNCTIONS = {"gradient": grow_by_gradient, "random": grow_random, "mixed": grow_mixed}
+
+
+def evolve(
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    target_active: int,
+    drop_fraction: float,
+    grow_method: str,
+    generator: torch.Generator | None = None,
+    gradient_fraction: float = 0.75,
+) -> tuple[torch.Tensor, int, int]:
+    """One topology update of one layer. Returns ``(new_mask, n_drop, n_grow)``.
+
+    1. ``n_needed = n_active - target_active`` (positive when sparsity must rise);
+    2. ``n_drop = max(floor(zeta * n_active), n_needed)``, ``n_grow = n_drop - n_needed``;
+    3. drop the ``n_drop`` active weights of smallest ``|w|``;
+    4. grow ``n_grow`` among the inactive positions (just-dropped ones included) by ``grow_method``.
+    The new mask has exactly ``target_active`` active entries.
+    """
+    if grow_method not in GROW_FUNCTIONS:
+        raise ValueError(f"Unknown grow method {grow_method!r}; choose one of {sorted(GROW_FUNCTIONS)}.")
+    if grad is None and grow_method != "random":
+        raise ValueError(f"Grow method {grow_method!r} needs the dense gradient, but the weight has no `.grad`.")
+    n_active = int(mask.sum().item())
+    n_needed = n_active - target_active
+    n_drop = max(int(math.floor(drop_fraction * n_active)), n_needed)
+    n_grow = n_drop - n_needed
+    dropped = drop_by_magnitude(weight, mask, n_drop)
+    grown = GROW_FUNCTIONS[grow_method](
+        dropped, grad, n_grow, generator=generator, gradient_fraction=gradient_fraction
+    )
+    return grown, n_drop, n_grow
+
+
+def random_mask(shape: tuple[int, ...], n_active: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """A mask with exactly ``n_active`` active entries placed uniformly at random."""
+    empty = torch.zeros(shape, dtype=torch.bool, device=device)
+    return grow_random(empty, None, n_active, generator=generator)
