@@ -181,12 +181,14 @@ class MSTConfig(PretrainedConfig):
         missing = [p for p in schedule.PHASES if p not in method]
         if unknown_phases or missing:
             raise ValueError(
-                f"`grow_method` dict must have exactly the keys {schedule.PHASES}, got {sorted(method)!r} "
+                f"`grow_method` dict must have exactly the keys {schedule.PHASES}, got {method!r} "
                 f"(unknown {unknown_phases}, missing {missing})."
             )
         for phase_name, name in method.items():
             if name not in GROW_METHODS:
-                raise ValueError(f"`grow_method[{phase_name!r}]` must be one of {GROW_METHODS}, got {name!r}.")
+                raise ValueError(
+                    f"`grow_method[{phase_name!r}]` must be one of {GROW_METHODS}, got {name!r} in {method!r}."
+                )
 
     def _validate_hsa(self) -> None:
         if self.hsa_pattern not in HSA_PATTERNS:

@@ -1,0 +1,90 @@
+"""MSTConfig: validation of every field, presets, and saving under mst_config.json."""
+
+import json
+import os
+
+import pytest
+
+from mst_hf import MST_CONFIG_NAME, MSTConfig
+
+INVALID = [
+    ("initial_sparsity", -0.1, ValueError),
+    ("ultra_sparsity", 1.0, ValueError),
+    ("final_sparsity", "0.5", ValueError),
+    ("warmup_ratio", 1.5, ValueError),
+    ("restoration_ratio", -0.2, ValueError),
+    ("warmup_curve", "quadratic", ValueError),
+    ("restoration_curve", "exp", ValueError),
+    ("update_interval", 0, ValueError),
+    ("update_interval", 2.5, ValueError),
+    ("drop_fraction", 1.2, ValueError),
+    ("drop_fraction_schedule", "linear", ValueError),
+    ("grow_method", "magnitude", ValueError),
+    ("grow_method", {"warmup": "gradient"}, ValueError),
+    ("grow_method", {"warmup": "gradient", "ultra": "mixed", "restoration": "oracle"}, ValueError),
+    ("grow_method", 3, TypeError),
+    ("mixed_gradient_fraction", 2.0, ValueError),
+    ("sparsity_distribution", "erk", ValueError),
+    ("target_modules", [1, 2], TypeError),
+    ("exclude_modules", 5, TypeError),
+    ("sparsify_lm_head", "yes", TypeError),
+    ("seed", 1.5, TypeError),
+    ("hsa_pattern", "bigbird", ValueError),
+    ("hsa_window", 0, ValueError),
+    ("hsa_stride", -4, ValueError),
+    ("hsa_block", 1.5, ValueError),
+    ("hsa_phases", ["pretraining"], ValueError),
+    ("hsa_layers", "even", ValueError),
+    ("hsa_layers", [0, -1], ValueError),
+    ("hsa_head_split", 1, TypeError),
+]
+
+
+@pytest.mark.parametrize("field, value, error", INVALID, ids=[f"{f}={v!r}" for f, v, _ in INVALID])
+def test_invalid_field_names_field_and_value(field, value, error):
+    with pytest.raises(error) as info:
+        MSTConfig(**{field: value})
+    assert f"`{field}" in str(info.value) and repr(value)[:20] in str(info.value)
+
+
+def test_phases_that_do_not_fit_the_run():
+    with pytest.raises(ValueError, match="warmup_ratio.*restoration_ratio"):
+        MSTConfig(warmup_ratio=0.6, restoration_ratio=0.5)
+
+
+def test_head_split_needs_local_strided():
+    with pytest.raises(ValueError, match="hsa_head_split"):
+        MSTConfig(hsa_head_split=True, hsa_pattern="local")
+
+
+def test_defaults_match_spec():
+    cfg = MSTConfig()
+    assert (cfg.initial_sparsity, cfg.ultra_sparsity, cfg.final_sparsity) == (0.0, 0.9, 0.0)
+    assert (cfg.warmup_ratio, cfg.restoration_ratio, cfg.update_interval, cfg.drop_fraction) == (0.1, 0.2, 100, 0.3)
+    assert cfg.grow_method == {"warmup": "gradient", "ultra": "mixed", "restoration": "gradient"}
+    assert cfg.mixed_gradient_fraction == 0.75 and cfg.hsa_phases == ["ultra"]
+    assert cfg.model_type == "mst"
+
+
+def test_round_trip_keeps_model_config_json(tmp_path):
+    model_config = tmp_path / "config.json"
+    model_config.write_text('{"model_type": "gpt2"}')
+    cfg = MSTConfig(ultra_sparsity=0.8, grow_method="random", hsa_layers=[0, 2], target_modules=["c_attn"])
+    cfg.save_pretrained(tmp_path)
+    assert model_config.read_text() == '{"model_type": "gpt2"}'
+    assert os.path.isfile(tmp_path / MST_CONFIG_NAME)
+    loaded = MSTConfig.from_pretrained(tmp_path)
+    assert loaded.mst_dict() == cfg.mst_dict()
+
+
+def test_saved_extra_is_kept_apart(tmp_path):
+    MSTConfig().save_pretrained(tmp_path, extra={"saved_at_step": 42})
+    assert MSTConfig.saved_extra(tmp_path) == {"saved_at_step": 42}
+    assert json.loads((tmp_path / MST_CONFIG_NAME).read_text())["ultra_sparsity"] == 0.9
+
+
+def test_preset_and_override():
+    cfg = MSTConfig.from_preset("gpt2-4x", seed=7)
+    assert cfg.seed == 7 and cfg.hsa_pattern != "dense"
+    with pytest.raises(ValueError, match="Unknown MST preset 'gpt3'"):
+        MSTConfig.from_preset("gpt3")

@@ -1,0 +1,144 @@
+"""MSTTrainer end to end on tiny GPT-2 (Conv1D, tied head) and Llama (nn.Linear, GQA, untied head)."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import TrainerCallback, TrainingArguments
+
+from mst_hf import MSTConfig, MSTTrainer, schedule
+from mst_hf.topology import active_count, allocate
+
+from .helpers import tiny_gpt2, tiny_llama, toy_dataset
+
+STEPS = 40
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+                logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, weight_decay=0.1, seed=0,
+                lr_scheduler_type="constant", disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _cfg(**kw):
+    base = dict(initial_sparsity=0.0, ultra_sparsity=0.8, final_sparsity=0.0, warmup_ratio=0.2,
+                restoration_ratio=0.25, update_interval=5, hsa_pattern="dense")
+    base.update(kw)
+    return MSTConfig(**base)
+
+
+class _Recorder(TrainerCallback):
+    """After every optimizer step: pruned weights are exactly zero; keeps each layer's active count per update."""
+
+    def __init__(self):
+        self.trainer = None
+        self.counts = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ctl = self.trainer.mst
+        for name, t in ctl.targets.items():
+            if t.param.detach()[~ctl.masks.masks[name]].any():
+                raise AssertionError(f"pruned weight of {name} is non-zero after step {state.global_step}")
+        if ctl.history and ctl.history[-1]["step"] == state.global_step - 1:
+            self.counts[state.global_step - 1] = {n: ctl.masks.active(n) for n in ctl.targets}
+
+
+def _train(model, tmp_path, cfg=None, **args_kw):
+    cfg = cfg or _cfg()
+    recorder = _Recorder()
+    trainer = MSTTrainer(model, _args(tmp_path, **args_kw), mst_config=cfg, train_dataset=toy_dataset(),
+                         eval_dataset=toy_dataset(16, seed=1), callbacks=[recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    return trainer, recorder
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_trainer_follows_schedule_and_learns(build, tmp_path):
+    trainer, recorder = _train(build(), tmp_path)
+    cfg = trainer.mst_config
+    expected_updates = schedule.update_steps(STEPS, cfg)
+    assert sorted(recorder.counts) == expected_updates
+    shapes = [(t.n_in, t.n_out) for t in trainer.mst.targets.values()]
+    for step, counts in recorder.counts.items():
+        target = schedule.target_sparsity(step, STEPS, cfg)
+        densities = allocate(shapes, target, cfg.sparsity_distribution)
+        for (name, t), density in zip(trainer.mst.targets.items(), densities):
+            assert abs(counts[name] - active_count(t.numel, density)) <= 1, (step, name)
+    ultra = [r["sparsity"] for r in trainer.mst.history if r["phase"] == "ultra"]
+    assert ultra and all(s == pytest.approx(0.8, abs=2e-3) for s in ultra)
+    assert trainer.mst.history[-1]["sparsity"] == 0.0  # restoration ends dense
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.75 * losses[0]
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_logs_carry_mst_values(tmp_path):
+    trainer, _ = _train(tiny_gpt2(), tmp_path, max_steps=12)
+    logs = trainer.state.log_history
+    updates = [h for h in logs if "mst/dropped" in h]
+    assert [h["step"] for h in updates] == schedule.update_steps(12, trainer.mst_config)
+    train_logs = [h for h in logs if "loss" in h]
+    assert all({"mst/sparsity", "mst/phase", "mst/drop_fraction"} <= set(h) for h in train_logs)
+    assert all(isinstance(v, float) for h in train_logs for k, v in h.items() if k.startswith("mst/"))
+
+
+def test_gradient_accumulation_gives_the_same_masks(tmp_path):
+    cfg = _cfg(grow_method="gradient")
+    one, _ = _train(tiny_gpt2(), tmp_path / "a", cfg=cfg, max_steps=20, per_device_train_batch_size=8)
+    four, _ = _train(tiny_gpt2(), tmp_path / "b", cfg=cfg, max_steps=20, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=4)
+    assert len(one.mst.history) == len(four.mst.history) > 3
+    assert one.mst.masks.digest() == four.mst.masks.digest()
+
+
+def test_random_growth_is_deterministic_for_a_seed(tmp_path):
+    cfg = _cfg(grow_method="mixed", final_sparsity=0.5)
+    a, _ = _train(tiny_gpt2(), tmp_path / "a", cfg=cfg, max_steps=15)
+    b, _ = _train(tiny_gpt2(), tmp_path / "b", cfg=cfg, max_steps=15)
+    c, _ = _train(tiny_gpt2(), tmp_path / "c", cfg=_cfg(grow_method="mixed", final_sparsity=0.5, seed=5), max_steps=15)
+    assert a.mst.masks.digest() == b.mst.masks.digest() != c.mst.masks.digest()
+
+
+def test_bf16_training_keeps_zeros(tmp_path):
+    trainer, recorder = _train(tiny_llama(), tmp_path, bf16=True, max_steps=10)
+    assert len(recorder.counts) >= 2  # the recorder also checked the zeros after every step
+
+
+@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_unsupported_setups_are_refused(flag, tmp_path, monkeypatch):
+    original = transformers.Trainer.__init__
+
+    def patched(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", patched)
+    with pytest.raises(NotImplementedError, match="DeepSpeed|FSDP"):
+        MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(), train_dataset=toy_dataset())
+
+
+def test_model_without_targets_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no weight matrix"):
+        MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(target_modules=["nope"], sparsify_lm_head=False),
+                   train_dataset=toy_dataset())
+
+
+def test_mst_config_type_is_checked(tmp_path):
+    with pytest.raises(TypeError, match="mst_config"):
+        MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config={"ultra_sparsity": 0.9}, train_dataset=toy_dataset())
+
+
+def test_untied_llama_head_is_a_target_and_tied_gpt2_head_counted_once():
+    from mst_hf import find_targets
+
+    llama = find_targets(tiny_llama(), MSTConfig())
+    assert "lm_head.weight" in llama and llama["lm_head.weight"].is_lm_head and not llama["lm_head.weight"].tied
+    gpt2 = find_targets(tiny_gpt2(), MSTConfig())
+    heads = [t for t in gpt2.values() if t.is_lm_head]
+    assert len(heads) == 1 and heads[0].tied and heads[0].name == "transformer.wte.weight"
+    assert not any(t.is_lm_head for t in find_targets(tiny_gpt2(), MSTConfig(sparsify_lm_head=False)).values())
