@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import schedule, topology
+from .flops import FlopMeter, model_flop_shapes
 from .masks import MaskState
 from .targets import TargetWeight, require_targets, unwrap_model
 
@@ -35,8 +36,11 @@ class MSTController:
         self.history: list[dict] = []  # one record per topology update
         self.last_update_step: int | None = None
         self.hsa_on: bool | None = None
+        self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
         if initialize_masks and mst_config.initial_sparsity > 0:
             self._random_initial_masks(mst_config.initial_sparsity)
+        if mst_config.hsa_pattern != "dense":
+            self._setup_hsa()
 
     # ------------------------------------------------------------------ helpers
     def shapes(self) -> list[tuple[int, int]]:
@@ -53,12 +57,36 @@ class MSTController:
         g.manual_seed((self.config.seed * 1_000_003 + (step + 1) * 10_007 + layer_index) % _SEED_MOD)
         return g
 
+    def _setup_hsa(self) -> None:
+        """Store the HSA settings on the model config (off until its phase) and switch the model to the registered
+        ``"mst_hsa"`` attention, which is dense causal whenever the pattern is off."""
+        from . import attention
+
+        model, cfg = unwrap_model(self.model), self.config
+        attention.configure_hsa(model, pattern=cfg.hsa_pattern, window=cfg.hsa_window, stride=cfg.hsa_stride,
+                                block=cfg.hsa_block, layers=cfg.hsa_layers, head_split=cfg.hsa_head_split,
+                                active=False)
+        if getattr(model.config, "_attn_implementation", None) != attention.HSA_NAME:
+            if not hasattr(model, "set_attn_implementation"):
+                raise NotImplementedError(
+                    f"{type(model).__name__} cannot switch its attention implementation, so hybrid sparse attention "
+                    f"(hsa_pattern={cfg.hsa_pattern!r}) cannot run. Set `hsa_pattern='dense'`."
+                )
+            try:
+                model.set_attn_implementation(attention.HSA_NAME)
+            except (ValueError, NotImplementedError) as err:
+                raise NotImplementedError(
+                    f"{type(model).__name__} does not use the transformers attention interface, so hybrid sparse "
+                    f"attention (hsa_pattern={cfg.hsa_pattern!r}) cannot run on it ({err}). Set `hsa_pattern='dense'`."
+                ) from err
+
     @torch.no_grad()
     def _random_initial_masks(self, sparsity: float) -> None:
         for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
             param = self.targets[name].param
             n_active = topology.active_count(param.numel(), density)
-            mask = topology.random_mask(tuple(param.shape), n_active, self._generator(-1, i, param.device), param.device)
+            generator = self._generator(-1, i, param.device)
+            mask = topology.random_mask(tuple(param.shape), n_active, generator, param.device)
             self.masks.set_mask(name, mask)
         self.masks.apply_to_weights()
 
@@ -80,10 +108,10 @@ class MSTController:
     def before_forward(self, step: int, total_steps: int) -> bool:
         """Switch hybrid sparse attention on or off for ``step``; returns whether it is on."""
         on = schedule.hsa_active(step, total_steps, self.config)
-        if on != self.hsa_on and self.config.hsa_pattern != "dense":
-            from . import attention
+        if on != self.hsa_on:
+            if self.config.hsa_pattern != "dense":
+                from . import attention
 
-            if attention.get_hsa_state(unwrap_model(self.model)) is not None:
                 attention.set_hsa_active(unwrap_model(self.model), on)
             self.hsa_on = on
         return on
@@ -146,8 +174,13 @@ class MSTController:
     def state_dict(self) -> dict:
         """Everything beyond the masks needed to resume (the random growth needs no state: its generator is a
         function of the seed, the step and the layer)."""
-        return {"last_update_step": self.last_update_step, "history": list(self.history)}
+        return {"last_update_step": self.last_update_step, "history": list(self.history),
+                "flops": self.flops.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_update_step = state.get("last_update_step")
         self.history = list(state.get("history", []))
+        if "flops" in state:
+            self.flops.load_state_dict(state["flops"])
+        else:
+            self.flops.invalidate()

@@ -43,6 +43,7 @@ class MaskState:
             raise ValueError(f"No mask given for parameters {missing}.")
         self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
         self._lists = None
+        self._active: dict[str, int] = {}  # cached counts (a count is a host sync: only recount after a change)
 
     # ------------------------------------------------------------------ applying
     def _tensor_lists(self):
@@ -91,11 +92,15 @@ class MaskState:
             zero_optimizer_state(optimizer, param, changed)
         self.masks[name] = new_mask
         self._lists = None
+        self._active.pop(name, None)
         return int(removed.sum().item()), int(added.sum().item())
 
     # ------------------------------------------------------------------ reading
     def active(self, name: str) -> int:
-        return int(self.masks[name].sum().item())
+        """Number of active connections of one matrix (cached until its mask changes)."""
+        if name not in self._active:
+            self._active[name] = int(self.masks[name].sum().item())
+        return self._active[name]
 
     def density(self, name: str) -> float:
         return self.active(name) / self.masks[name].numel()
@@ -137,6 +142,8 @@ class MaskState:
             )
         loaded = {}
         for name, param in self.params.items():
+            if name + ".__shape__" not in state:
+                raise ValueError(f"Mask file has no shape entry for `{name}`: it is not an mst_hf mask file.")
             shape = tuple(int(x) for x in state[name + ".__shape__"].tolist())
             if shape != tuple(param.shape):
                 raise ValueError(
@@ -146,6 +153,7 @@ class MaskState:
             loaded[name] = unpack_mask(state[name], shape).to(param.device)
         self.masks = loaded
         self._lists = None
+        self._active = {}
         if apply:
             self.apply_to_weights()
 

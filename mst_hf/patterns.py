@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 
-
 PATTERNS = ("dense", "local", "strided", "local_strided", "fixed")
 
 MaskFn = Callable[..., torch.Tensor]

@@ -7,16 +7,21 @@ this class calls it at the right points of Trainer's own loop (never a copy of t
   last micro-batch of an optimizer step (gradients accumulated and all-reduced), the topology update when due and
   the gradient masking;
 * ``on_optimizer_step`` (callback): pruned weights back to exactly zero;
-* ``_save`` / ``_load_from_checkpoint``: MST files next to the Trainer's.
+* ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model``: MST files next to the Trainer's (see
+  :mod:`mst_hf.checkpoint`), validated before the Trainer loads any weight;
+* ``push_to_hub`` / ``create_model_card`` / ``_push_from_checkpoint``: the MST files, tags and card section go to
+  the Hub with the model (see :mod:`mst_hf.hub`).
 """
 
 import os
+import shutil
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import HubStrategy
 
-from . import schedule
-from .checkpoint import MASKS_NAME, load_mst_files, save_mst_files
-from .config import MSTConfig
+from . import hub, schedule
+from .checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
 
 PHASE_INDEX = {name: i for i, name in enumerate(schedule.PHASES)}
@@ -38,6 +43,13 @@ class MSTTrainer(Trainer):
             mst_config = MSTConfig()
         if not isinstance(mst_config, MSTConfig):
             raise TypeError(f"`mst_config` must be an mst_hf.MSTConfig, got {type(mst_config).__name__}.")
+        if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
+            raise NotImplementedError(
+                "MSTTrainer does not train PEFT adapters: MST evolves the masks of the base weights, which a PEFT "
+                "model freezes. To LoRA-tune a sparse MST checkpoint, train the PeftModel with plain "
+                "transformers.Trainer (the frozen base stays sparse), then merge with "
+                "mst_hf.merge_lora_sparse(peft_model, masks) to keep the base sparsity."
+            )
         super().__init__(model, args, *trainer_args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -56,9 +68,12 @@ class MSTTrainer(Trainer):
     # ------------------------------------------------------------------ the training step
     def training_step(self, model, inputs, num_items_in_batch=None):
         step, total = self.state.global_step, self.state.max_steps
-        self.mst.before_forward(step, total)
+        hsa_on = self.mst.before_forward(step, total)
+        self.mst.flops.add_inputs(inputs, world_size=self.accelerator.num_processes)  # global tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
+            update = schedule.is_update_step(step, total, self.mst_config) and self.mst.last_update_step != step
+            self.mst.flops.end_step(self.mst.masks, hsa_on=hsa_on, update_step=update)  # masks before the update
             record = self.mst.after_backward(step, total, self.optimizer)
             if record is not None:
                 self.log(
@@ -75,10 +90,11 @@ class MSTTrainer(Trainer):
         """The MST values added to every log line (scalars only, so TensorBoard can plot them)."""
         step, total = self.state.global_step, max(self.state.max_steps, 1)
         return {
-            "mst/sparsity": self.mst.masks.sparsity() if self.mst.history else self.mst.masks.sparsity(),
+            "mst/sparsity": self.mst.masks.sparsity(),
             "mst/phase": float(PHASE_INDEX[schedule.phase(min(step, total - 1), total, self.mst_config)]),
             "mst/drop_fraction": schedule.drop_fraction(min(step, total - 1), total, self.mst_config),
             "mst/hsa": float(bool(self.mst.hsa_on)),
+            **self.mst.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
         }
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -86,22 +102,69 @@ class MSTTrainer(Trainer):
             logs = {**logs, **self.mst_metrics()}
         super().log(logs, *args, **kwargs)
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with the MST FLOP totals (``mst/total_flops``, ...) added to the returned metrics."""
+        output = super().train(*args, **kwargs)
+        output.metrics.update(self.mst.flops.metrics())
+        return output
+
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Trainer's files, then the MST files (masks, config, state) in the same folder: inside ``save_model``, so
+        they are on disk before any Hub upload of the folder starts."""
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            step = self.state.global_step
-            phase = schedule.phase(min(step, self.state.max_steps - 1), self.state.max_steps, self.mst_config) \
-                if self.state.max_steps else None
-            save_mst_files(output_dir, self.mst, step=step, phase=phase)
+            metrics = hub.collect_metrics(self.state.log_history, self.mst)
+            save_mst_files(output_dir, self.mst, self.state.global_step, self.state.max_steps, metrics)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Validate the checkpoint's MST files (refusing a missing, corrupt or mismatched mask file before anything is
+        modified), let Trainer load the weights, then restore masks and MST state. Runs before the optimizer exists
+        and before the first step; Trainer restores the optimizer moments afterwards."""
+        checkpoint = check_mst_checkpoint(resume_from_checkpoint, self.mst)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        if os.path.isfile(os.path.join(resume_from_checkpoint, MASKS_NAME)):
-            load_mst_files(resume_from_checkpoint, self.mst)
-        elif self.mst_config.initial_sparsity > 0 or self.mst.history:
-            raise ValueError(
-                f"Checkpoint {resume_from_checkpoint!r} has no {MASKS_NAME}: it was not written by MSTTrainer, so "
-                "the sparse topology cannot be restored. Resume from a checkpoint saved by MSTTrainer."
-            )
+        restore_mst_checkpoint(self.mst, checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's masks come with its weights."""
+        checkpoint = check_mst_checkpoint(self.state.best_model_checkpoint, self.mst)
+        super()._load_best_model()
+        self.mst.masks.load_state_dict(checkpoint.masks, apply=True)
+        self.mst.flops.invalidate()
+
+    # ------------------------------------------------------------------ the Hub
+    def push_to_hub(self, *args, **kwargs):
+        """``Trainer.push_to_hub`` with the tags ``mst`` and ``sparse``; the MST files are written by ``save_model``
+        and the card section by :meth:`create_model_card`."""
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(list(hub.MST_TAGS))
+        return super().push_to_hub(*args, **kwargs)
+
+    def create_model_card(self, language=None, license=None, tags=None, **kwargs) -> None:
+        """Trainer's card plus the MST section (schedule, final sparsity, counted FLOP reduction, perplexity)."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in hub.MST_TAGS if t not in tags]
+        super().create_model_card(language=language, license=license, tags=tags, **kwargs)
+        if self.is_world_process_zero():
+            metrics = hub.collect_metrics(self.state.log_history, self.mst)
+            info = hub.controller_card_info(self.mst, self.state.global_step, self.state.max_steps, metrics)
+            hub.write_model_card(self.args.output_dir, info)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer copies only its own model files from the checkpoint into ``output_dir`` before uploading it: copy
+        the MST files too, so the Hub's masks always match its weights (only when Trainer pushes this time: the
+        same conditions as Trainer's, so an upload in progress never sees new masks beside old weights)."""
+        in_progress = getattr(self, "push_in_progress", None)
+        busy = in_progress is not None and not in_progress.is_done()
+        pushes = self.args.hub_strategy != HubStrategy.END and (self.args.hub_always_push or not busy)
+        if pushes and self.is_world_process_zero() and os.path.abspath(checkpoint_folder) != os.path.abspath(
+            self.args.output_dir
+        ):
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            for name in (MASKS_NAME, MST_CONFIG_NAME, STATE_NAME):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)

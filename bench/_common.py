@@ -1,0 +1,87 @@
+"""Shared pieces of the GPU benchmarks: pre-tokenised blocks, GPT-2 models from config, timing callbacks."""
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
+
+GPT2_SIZES = {
+    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-mini": dict(n_layer=6, n_embd=512, n_head=8),
+    "gpt2-tiny": dict(n_layer=4, n_embd=256, n_head=4),
+}
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Non-overlapping ``block_size`` windows of a uint16 token file (``bench/prepare_data.py``)."""
+
+    def __init__(self, path: str, block_size: int, max_blocks: int | None = None):
+        ids = np.fromfile(path, dtype=np.uint16).astype(np.int64)
+        n = len(ids) // block_size
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        self.blocks = torch.from_numpy(ids[: n * block_size].reshape(n, block_size))
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def gpt2(size: str, seq_len: int, seed: int = 0, attn_implementation: str = "sdpa"):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50304, n_positions=max(seq_len, 1024), **GPT2_SIZES[size])
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time between the end of optimizer step ``start`` and the end of the last step (CUDA synchronised)."""
+
+    def __init__(self, start: int):
+        self.start = start
+        self.t0 = self.t1 = None
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.start or state.global_step == state.max_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if state.global_step == self.start:
+                self.t0 = now
+            else:
+                self.t1, self.steps = now, state.global_step - self.start
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / (self.t1 - self.t0)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+        except OSError:
+            driver = "?"
+        return f"{name} (driver {driver}), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)

@@ -1,0 +1,318 @@
+"""Hybrid Sparse Attention as a transformers attention implementation named ``"mst_hsa"``.
+
+Opt a model in with ``AutoModelForCausalLM.from_config(cfg, attn_implementation="mst_hsa")`` (or
+``from_pretrained(...)``, ``model.set_attn_implementation("mst_hsa")``), then `configure_hsa` it; the trainer flips
+`set_hsa_active` at phase changes. The HSA state is a plain dict on the model config, ``config.mst_hsa``, so the
+mask function (which receives ``config=``) and the attention function (which sees ``module.config``) read the same
+state, and it is saved in ``config.json``. With no state, ``active=False``, or a layer not selected, a layer gets
+exactly what ``attn_implementation="sdpa"`` computes.
+
+How the two registered functions cooperate. transformers calls the mask function once per forward and hands its
+return value to every layer. When HSA is active it returns an `HSAMask`: the arguments of the model's own mask
+(causal, sliding window, packing, padding) plus the HSA state. Each layer then asks it for what it needs:
+
+- a dense layer: the model's own mask (``sdpa_mask``: ``None`` for plain causal), run by transformers' SDPA code;
+- a sparse layer on a plain causal sequence (no padding, no packing, no cache offset, no shorter sliding window):
+  the fast kernels of `mst_hf.attention_kernels` (on CUDA the fastest of flex / chunked / permuted SDPA, measured
+  once per shape; on CPU SDPA with a cached boolean mask);
+- a sparse layer otherwise (padding, packing, decoding with a cache): the model's boolean mask AND the pattern, run
+  by SDPA. With padding the pattern is evaluated on real-token positions (cumulative sum of the
+  padding mask), so a left-padded row attends like the same row unpadded. Packed sequences keep the model's
+  per-sequence causality; the pattern uses row positions there (identical for local and strided, whose rules only
+  use ``q - k``; fixed blocks are aligned to the row).
+
+Models whose own mask is a sliding window shorter than the sequence (Mistral's ``sliding_window``, Qwen2 with
+``use_sliding_window``) take the general path (correct, composed with the window, but no sparse speed-up). GPT-2
+passes ``attn_pdrop`` as attention dropout in training, which FlexAttention lacks: local, fixed and strided then run
+on the chunked / permuted SDPA kernels, local_strided and head_split on SDPA with a boolean mask (slow); set
+``attn_pdrop=0`` for speed.
+"""
+
+import os
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+from .attention_kernels import BACKENDS, PatternSpec, hsa_attention, reference_attention
+from .patterns import PATTERNS
+
+HSA_NAME = "mst_hsa"
+HSA_BACKEND_ENV = "MST_HSA_BACKEND"
+LAYER_CHOICES = ("all", "alternate")
+DEFAULT_HSA_STATE = {
+    "pattern": "local_strided",
+    "window": 128,
+    "stride": 128,
+    "block": 128,
+    "layers": "all",
+    "head_split": False,
+    "active": False,
+    "backend": "auto",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State on the config
+# ---------------------------------------------------------------------------------------------------------------
+def validate_hsa_state(state: dict) -> dict:
+    """Check an HSA state dict (one rule per key) and return it completed with the defaults."""
+    if not isinstance(state, dict):
+        raise TypeError(f"`config.mst_hsa` must be a dict, got {type(state).__name__}. Use configure_hsa(model, ...).")
+    unknown = set(state) - set(DEFAULT_HSA_STATE)
+    if unknown:
+        raise ValueError(f"Unknown HSA keys {sorted(unknown)}; valid keys: {sorted(DEFAULT_HSA_STATE)}.")
+    state = {**DEFAULT_HSA_STATE, **state}
+    if state["pattern"] not in PATTERNS:
+        raise ValueError(f"`pattern` must be one of {', '.join(PATTERNS)}, got {state['pattern']!r}.")
+    for name in ("window", "stride", "block"):
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    layers = state["layers"]
+    if isinstance(layers, str):
+        if layers not in LAYER_CHOICES:
+            raise ValueError(f"`layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
+    elif isinstance(layers, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise ValueError(f"`layers` must list non-negative int layer indices, got {list(layers)!r}.")
+        state["layers"] = sorted(set(layers))
+    else:
+        raise ValueError(f"`layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
+    for name in ("head_split", "active"):
+        if not isinstance(state[name], bool):
+            raise TypeError(f"`{name}` must be a bool, got {state[name]!r}.")
+    if state["head_split"] and state["pattern"] != "local_strided":
+        raise ValueError(
+            f"`head_split=True` splits heads between local and strided; it needs pattern='local_strided', "
+            f"got pattern={state['pattern']!r}."
+        )
+    if state["backend"] not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {state['backend']!r}.")
+    return state
+
+
+def _find_config(model_or_config) -> PretrainedConfig:
+    """The config of a PreTrainedModel, a PeftModel, a DDP-wrapped model, or the config itself."""
+    if isinstance(model_or_config, PretrainedConfig):
+        return model_or_config
+    obj = model_or_config
+    if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+        obj = obj.module
+    if hasattr(obj, "get_base_model"):  # peft.PeftModel
+        obj = obj.get_base_model()
+    config = getattr(obj, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            f"Expected a transformers model (or PeftModel) or its config, got {type(model_or_config).__name__}."
+        )
+    return config
+
+
+def _configs(config: PretrainedConfig) -> list:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def configure_hsa(
+    model,
+    pattern: str = "local_strided",
+    window: int = 128,
+    stride: int = 128,
+    block: int = 128,
+    layers="all",
+    head_split: bool = False,
+    active: bool = False,
+    backend: str = "auto",
+) -> dict:
+    """Validate the HSA settings and store them as ``config.mst_hsa`` (saved with the model). Returns the state.
+
+    `layers`: ``"all"``, ``"alternate"`` (even layers 0, 2, ... sparse, odd layers dense) or a list of indices.
+    `backend`: ``"auto"`` (default), ``"sdpa"`` (boolean mask), ``"flex"`` or ``"eager"`` (reference); the environment
+    variable ``MST_HSA_BACKEND`` overrides it. The model must run ``attn_implementation="mst_hsa"`` for any of it to
+    apply.
+    """
+    state = validate_hsa_state(
+        {
+            "pattern": pattern,
+            "window": window,
+            "stride": stride,
+            "block": block,
+            "layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
+            "head_split": head_split,
+            "active": active,
+            "backend": backend,
+        }
+    )
+    for config in _configs(_find_config(model)):
+        config.mst_hsa = dict(state)
+    return dict(state)
+
+
+def set_hsa_active(model, active: bool) -> None:
+    """Switch the configured pattern on or off (cheap: flips ``config.mst_hsa["active"]``)."""
+    if not isinstance(active, bool):
+        raise TypeError(f"`active` must be a bool, got {active!r}.")
+    configs = _configs(_find_config(model))
+    if getattr(configs[0], HSA_NAME, None) is None:
+        raise ValueError("This model has no HSA state: call configure_hsa(model, ...) first.")
+    for config in configs:
+        config.mst_hsa = {**validate_hsa_state(config.mst_hsa), "active": active}
+
+
+def get_hsa_state(model_or_config) -> dict | None:
+    """A validated copy of ``config.mst_hsa``, or None when the model has none."""
+    state = getattr(_find_config(model_or_config), HSA_NAME, None)
+    return None if state is None else validate_hsa_state(dict(state))
+
+
+def _backend(state: dict) -> str:
+    backend = os.environ.get(HSA_BACKEND_ENV) or state["backend"]
+    if backend not in BACKENDS:
+        raise ValueError(f"{HSA_BACKEND_ENV}={backend!r} is not a backend; valid: {', '.join(BACKENDS)}.")
+    return backend
+
+
+def _layer_is_sparse(state: dict, layer_idx) -> bool:
+    layers = state["layers"]
+    if layers == "all" or layer_idx is None:
+        return True
+    if layers == "alternate":
+        return layer_idx % 2 == 0
+    return layer_idx in layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mask object and the two registered functions
+# ---------------------------------------------------------------------------------------------------------------
+class HSAMask:
+    """Returned by the "mst_hsa" mask function while HSA is active; every layer picks its mask from it.
+
+    Holds the arguments transformers gave the mask function (so the model's own mask, ``sdpa_mask(**args)``, is
+    rebuilt exactly) and the HSA state. Masks are built lazily, once per forward.
+    """
+
+    ndim = 4  # lets transformers' mask preprocessing pass a precomputed HSAMask through (generate, static cache)
+
+    def __init__(self, state: dict, mask_args: dict):
+        self.state = state
+        self.spec = PatternSpec(*(state[key] for key in ("pattern", "window", "stride", "block", "head_split")))
+        self.mask_args = mask_args
+        self.structured = self._is_plain_causal()
+        self._dense = None
+        self._dense_built = False
+        self._sparse = {}
+
+    @property
+    def shape(self) -> tuple:
+        a = self.mask_args
+        return (a["batch_size"], 1, a["q_length"], a["kv_length"])
+
+    def _is_plain_causal(self) -> bool:
+        """True when the model's mask is plain causal over positions 0..T-1 (the fast kernels' precondition)."""
+        a = self.mask_args
+        q_offset, kv_offset = a.get("q_offset", 0), a.get("kv_offset", 0)
+        if not a.get("allow_is_causal_skip", True) or isinstance(q_offset, torch.Tensor):
+            return False  # packing, or/and overlays, compiled decoding: the model's mask is more than causal
+        if q_offset != 0 or kv_offset != 0 or a["q_length"] != a["kv_length"]:
+            return False
+        local_size = a.get("local_size")
+        if local_size is not None and a["kv_length"] > local_size:
+            return False
+        padding = prepare_padding_mask(a.get("attention_mask"), a["kv_length"], kv_offset)
+        return padding is None or bool(padding[:, : a["kv_length"]].all())
+
+    def dense_mask(self):
+        """The model's own mask, exactly as ``attn_implementation="sdpa"`` builds it (None = plain causal)."""
+        if not self._dense_built:
+            self._dense = sdpa_mask(**self.mask_args)
+            self._dense_built = True
+        return self._dense
+
+    def sparse_mask(self, num_heads: int) -> torch.Tensor:
+        """The model's boolean mask AND the pattern: ``(B, 1 | H, q_len, kv_len)`` (H only with head_split)."""
+        heads = num_heads if self.spec.head_split else 1
+        if heads not in self._sparse:
+            a = self.mask_args
+            base = sdpa_mask(**{**a, "allow_is_causal_skip": False})  # (B, 1, q, kv) bool
+            device = base.device
+            q_pos = torch.arange(a["q_length"], device=device) + a.get("q_offset", 0)
+            kv_pos = torch.arange(a["kv_length"], device=device) + a.get("kv_offset", 0)
+            padding = prepare_padding_mask(a.get("attention_mask"), a["kv_length"], a.get("kv_offset", 0))
+            if padding is not None:  # positions among real tokens: left padding does not shift the pattern
+                real_pos = padding.to(device=device, dtype=torch.long).cumsum(-1) - 1  # (B, L)
+                q_pos, kv_pos = real_pos[:, q_pos], real_pos[:, kv_pos]  # (B, q), (B, kv)
+            else:
+                q_pos, kv_pos = q_pos[None], kv_pos[None]
+            h = torch.arange(heads, device=device)[None, :, None, None]
+            pattern = self.spec.mask_fn(num_heads if self.spec.head_split else None)
+            self._sparse[heads] = base & pattern(0, h, q_pos[:, None, :, None], kv_pos[:, None, None, :])
+        return self._sparse[heads]
+
+
+def hsa_mask_interface(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=causal_mask_function,
+    attention_mask=None,
+    **kwargs,
+):
+    """The "mst_hsa" mask function: what ``sdpa_mask`` returns while HSA is off, an `HSAMask` while it is on."""
+    if isinstance(attention_mask, HSAMask):  # precomputed by generate() for a static cache
+        return attention_mask
+    args = dict(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+    config = kwargs.get("config")
+    state = getattr(config, HSA_NAME, None) if config is not None else None
+    # bidirectional masks (encoder / cross attention) are never made sparse
+    if state is None or "allow_is_bidirectional_skip" in kwargs:
+        return sdpa_mask(**args)
+    state = validate_hsa_state(dict(state))
+    if not state["active"]:
+        return sdpa_mask(**args)
+    return HSAMask(state, args)
+
+
+def hsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The "mst_hsa" attention function: ``query (B, H, q, D)``, ``key``/``value`` ``(B, Hkv, kv, D)`` ->
+    ``((B, q, H, D), None)``."""
+    if not isinstance(attention_mask, HSAMask):  # HSA off, or a 4-D mask supplied by the caller: plain SDPA
+        mask = attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    hsa, state = attention_mask, attention_mask.state
+    sparse = state["pattern"] != "dense" and _layer_is_sparse(state, getattr(module, "layer_idx", None))
+    if not sparse or not getattr(module, "is_causal", True):
+        mask = hsa.dense_mask()
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    backend = _backend(state)
+    if hsa.spec.head_split and query.shape[1] % 2:
+        raise ValueError(f"`head_split=True` needs an even number of attention heads, got {query.shape[1]}.")
+    if hsa.structured and query.shape[2] > 1:
+        out = hsa_attention(query, key, value, hsa.spec, scaling, backend, dropout)  # (B, H, T, D)
+        return out.transpose(1, 2).contiguous(), None
+    mask = hsa.sparse_mask(query.shape[1])
+    if backend == "eager":
+        out = reference_attention(query, key, value, mask, scaling).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register() -> None:
+    """Register "mst_hsa" with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
+    AttentionInterface.register(HSA_NAME, hsa_attention_forward)
+    AttentionMaskInterface.register(HSA_NAME, hsa_mask_interface)
+
+
+register()

@@ -1,0 +1,392 @@
+"""Training-FLOP accounting of Mixed Sparsity Training, from the model's real matmul shapes.
+
+We count matmul FLOPs per training token, as RigL (Evci et al. 2020) and the MST paper do; norms, softmax,
+biases and embedding lookups are ignored (SPEC section 3):
+
+* a weight matrix ``n_in x n_out`` with ``a`` active entries (density ``d = a / (n_in n_out)``) costs
+  ``2 a`` in the forward and ``4 a`` in the backward (input gradient and weight gradient): ``6 a`` per token;
+* on a topology-update step the weight gradient is also needed for the inactive part (the grow criterion reads
+  the dense gradient): ``+ 2 (n_in n_out - a)`` per token;
+* attention, per layer and token: ``4 * d_attn * k_bar`` forward (``Q K^T`` and ``A V``), twice that backward,
+  so ``12 * d_attn * k_bar``, where ``d_attn = num_heads * head_dim`` of the queries and ``k_bar`` is the mean
+  number of keys a query attends (exact, from :func:`mst_hf.patterns.mean_attended_keys`, causal included).
+
+Every ``nn.Linear``/``Conv1D`` of the model counts, targeted or not (an untargeted matrix is simply dense), and
+the LM head counts once even when it is tied to the token embedding. GQA needs nothing special: the k/v
+projections have their real (smaller) shapes, and attention FLOPs depend on the query heads only.
+
+**Dense baseline (our convention): causal.** ``C_dense = 6 N + 12 L d_attn (T + 1) / 2`` per token, where ``N``
+is the number of matmul weights and ``T`` the sequence length: every query ``q`` attends ``q + 1`` keys, so
+``k_bar = (T + 1) / 2``. nanoGPT's ``6 N + 12 L d T`` (Kaplan et al. 2020, PaLM appendix B) is the same
+formula with ``k_bar = T`` (every key counted, no causal halving); ``dense_token_flops(..., causal=False)``
+returns it. MST totals and reductions are always against the causal baseline, so that a run with nothing
+sparse reports exactly 1.0.
+
+Exactness: weight terms are integers (active counts, not rounded densities), and attention per sequence is
+``12 d_attn * sum_q keys(q)``, an integer, so per-step counts are exact integers whenever the step holds whole
+sequences, and totals are exact Python integers. The planner (:mod:`mst_hf.plan`) and the runtime
+:class:`FlopMeter` use the same functions, so a run's logged total equals its plan.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .patterns import mean_attended_keys
+from .targets import find_targets, unwrap_model
+from .topology import active_count
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the shapes of a model
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """One weight matrix applied to every token: ``n_in x n_out``; ``name`` is its parameter name (the first name
+    of a tied parameter, as in :func:`mst_hf.find_targets`)."""
+
+    name: str
+    module_name: str
+    n_in: int
+    n_out: int
+    is_target: bool
+
+    @property
+    def numel(self) -> int:
+        return self.n_in * self.n_out
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Everything the FLOP count needs to know about a model: matmul shapes, attention size, and the HSA pattern.
+
+    ``hsa_layers`` are the layer indices that use the sparse pattern when HSA is on (the others stay dense causal).
+    """
+
+    matmuls: tuple[Matmul, ...]
+    n_layers: int
+    attn_dim: int
+    hsa_layers: tuple[int, ...] = ()
+    hsa_pattern: str = "dense"
+    hsa_window: int = 128
+    hsa_stride: int = 128
+    hsa_block: int = 128
+    hsa_head_split: bool = False
+    max_seq_len: int | None = None
+    _pairs_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def n_params(self) -> int:
+        """``N``: matmul weights (LM head once)."""
+        return sum(m.numel for m in self.matmuls)
+
+    @property
+    def targets(self) -> tuple[Matmul, ...]:
+        return tuple(m for m in self.matmuls if m.is_target)
+
+    def attended_pairs_x2(self, seq_len: int, hsa_on: bool) -> int:
+        """Twice the number of attended (query, key) pairs of one sequence, summed over layers (twice: with
+        ``hsa_head_split`` half the heads attend locally and half strided, so a layer's mean can be a half-integer)."""
+        key = (seq_len, bool(hsa_on))
+        if key not in self._pairs_cache:
+            dense = seq_len * (seq_len + 1)  # 2 * sum_q (q + 1)
+            n_sparse = len(self.hsa_layers) if hsa_on and self.hsa_pattern != "dense" else 0
+            sparse = 0
+            if n_sparse:
+                mean = mean_attended_keys(self.hsa_pattern, seq_len, self.hsa_window, self.hsa_stride,
+                                          self.hsa_block, self.hsa_head_split)
+                sparse = round(2 * mean * seq_len)  # exact: mean is an integer (or half-integer) over seq_len
+            self._pairs_cache[key] = (self.n_layers - n_sparse) * dense + n_sparse * sparse
+        return self._pairs_cache[key]
+
+    def k_bar(self, seq_len: int, hsa_on: bool) -> list[float]:
+        """Mean attended keys per query, per layer, for sequences of ``seq_len`` tokens."""
+        dense = (seq_len + 1) / 2
+        if not hsa_on or self.hsa_pattern == "dense" or not self.hsa_layers:
+            return [dense] * self.n_layers
+        sparse = mean_attended_keys(self.hsa_pattern, seq_len, self.hsa_window, self.hsa_stride, self.hsa_block,
+                                    self.hsa_head_split)
+        return [sparse if i in self.hsa_layers else dense for i in range(self.n_layers)]
+
+    def attention_density(self, seq_len: int, hsa_on: bool) -> float:
+        """Attended pairs over causal pairs, averaged over layers (1.0 for dense causal attention)."""
+        if self.n_layers == 0:
+            return 1.0
+        return self.attended_pairs_x2(seq_len, hsa_on) / (self.n_layers * seq_len * (seq_len + 1))
+
+
+def hsa_layer_indices(hsa_layers, n_layers: int) -> tuple[int, ...]:
+    """Layers that use the sparse pattern: ``"all"``, ``"alternate"`` (0, 2, 4, ...: the rule of
+    :mod:`mst_hf.attention`) or an explicit list of indices."""
+    if hsa_layers == "all":
+        return tuple(range(n_layers))
+    if hsa_layers == "alternate":
+        return tuple(range(0, n_layers, 2))
+    bad = [i for i in hsa_layers if not 0 <= i < n_layers]
+    if bad and n_layers:
+        raise ValueError(
+            f"`hsa_layers` lists layers {bad} but the model has {n_layers} layers (indices 0..{n_layers - 1}); "
+            "remove them or use 'all' / 'alternate'."
+        )
+    return tuple(sorted(set(hsa_layers)))
+
+
+def _attention_size(config) -> tuple[int, int]:
+    """``(num_hidden_layers, num_heads * head_dim)`` of a transformers config, or ``(0, 0)`` when unknown."""
+    if config is None:
+        return 0, 0
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_layers = getattr(config, "num_hidden_layers", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and n_heads:
+        hidden = getattr(config, "hidden_size", None)
+        head_dim = hidden // n_heads if hidden else None
+    if not n_layers or not n_heads or not head_dim:
+        return 0, 0
+    return int(n_layers), int(n_heads) * int(head_dim)
+
+
+def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
+    """Read a model's matmul shapes (every ``nn.Linear``/``Conv1D``, the LM head once), its attention size from
+    its config, and the HSA settings of ``mst_config`` (default: ``MSTConfig()``). Works on the ``meta`` device."""
+    if mst_config is None:
+        from .config import MSTConfig
+
+        mst_config = MSTConfig()
+    model = unwrap_model(model)
+    target_names = set(find_targets(model, mst_config))
+    first_names: dict[int, str] = {}  # a tied parameter is known by its first name, as in find_targets
+    for n, p in model.named_parameters():
+        first_names.setdefault(id(p), n)
+    matmuls = []
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Linear, Conv1D)) or weight is None or weight.ndim != 2:
+            continue
+        name = first_names.get(id(weight), module_name + ".weight")
+        n_in, n_out = weight.shape if isinstance(module, Conv1D) else weight.shape[::-1]  # Conv1D stores (in, out)
+        matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names))
+
+    config = getattr(model, "config", None)
+    n_layers, attn_dim = _attention_size(config)
+    if n_layers == 0:
+        logger.warning("MST FLOP count: the model config has no num_hidden_layers/num_attention_heads; attention "
+                       "FLOPs are not counted (matmul weights are).")
+    max_seq_len = None
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        max_seq_len = getattr(text, "max_position_embeddings", None)
+    return FlopModel(
+        matmuls=tuple(matmuls),
+        n_layers=n_layers,
+        attn_dim=attn_dim,
+        hsa_layers=hsa_layer_indices(mst_config.hsa_layers, n_layers),
+        hsa_pattern=mst_config.hsa_pattern,
+        hsa_window=mst_config.hsa_window,
+        hsa_stride=mst_config.hsa_stride,
+        hsa_block=mst_config.hsa_block,
+        hsa_head_split=mst_config.hsa_head_split,
+        max_seq_len=max_seq_len,
+    )
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def active_weights(flop_model: FlopModel, densities: Mapping[str, float] | None = None) -> dict[str, int]:
+    """Active entries per matmul parameter: ``active_count(numel, densities[name])`` (round half up, as the
+    controller sets them) for the names given, every entry otherwise."""
+    known = {m.name: m.numel for m in flop_model.matmuls}
+    densities = densities or {}
+    unknown = sorted(set(densities) - set(known))
+    if unknown:
+        raise ValueError(f"`densities` names parameters {unknown[:5]} that are not matmul weights of this model; "
+                         f"use the names of `FlopModel.matmuls` (e.g. {next(iter(known), None)!r}).")
+    return {name: active_count(numel, densities[name]) if name in densities else numel
+            for name, numel in known.items()}
+
+
+def _weight_flops(flop_model: FlopModel, active: Mapping[str, int], update_step: bool) -> int:
+    """Per-token weight FLOPs from active counts: ``6 a`` per matrix, ``+ 2 (numel - a)`` on an update step."""
+    total = 0
+    for m in flop_model.matmuls:
+        a = active.get(m.name, m.numel)
+        total += 6 * a + (2 * (m.numel - a) if update_step else 0)
+    return total
+
+
+def weight_token_flops(flop_model: FlopModel, densities: Mapping[str, float] | None = None,
+                       update_step: bool = False) -> int:
+    """Matmul FLOPs (forward + backward) of one training token at the given per-parameter densities (others dense)."""
+    return _weight_flops(flop_model, active_weights(flop_model, densities), update_step)
+
+
+def attention_token_flops(flop_model: FlopModel, k_bar: float | Sequence[float]) -> float:
+    """``12 * d_attn * sum_l k_bar_l``: attention FLOPs of one token (one ``k_bar`` for every layer, or one each)."""
+    if isinstance(k_bar, (int, float)):
+        return 12 * flop_model.attn_dim * k_bar * flop_model.n_layers
+    if len(k_bar) != flop_model.n_layers:
+        raise ValueError(f"`k_bar` has {len(k_bar)} entries but the model has {flop_model.n_layers} layers; give "
+                         "one number, or one per layer.")
+    return 12 * flop_model.attn_dim * sum(k_bar)
+
+
+def token_flops(flop_model: FlopModel, densities: Mapping[str, float] | None, k_bar: float | Sequence[float],
+                update_step: bool = False) -> float:
+    """Training FLOPs of one token: :func:`weight_token_flops` + :func:`attention_token_flops`."""
+    return weight_token_flops(flop_model, densities, update_step) + attention_token_flops(flop_model, k_bar)
+
+
+def dense_token_flops(flop_model: FlopModel, seq_len: int, causal: bool = True) -> int:
+    """The dense baseline per token: ``6 N + 12 L d_attn (T + 1) / 2`` (causal, our convention), or with
+    ``causal=False`` nanoGPT's ``6 N + 12 L d_attn T`` (every key counted)."""
+    n, L, d = flop_model.n_params, flop_model.n_layers, flop_model.attn_dim
+    return 6 * n + (6 * L * d * (seq_len + 1) if causal else 12 * L * d * seq_len)
+
+
+def _attention_step_flops(flop_model: FlopModel, tokens: int, seq_len: int, hsa_on: bool) -> int | float:
+    """Attention FLOPs of ``tokens`` tokens in sequences of ``seq_len``: ``6 d_attn * (2 pairs) * sequences``."""
+    numerator = 6 * flop_model.attn_dim * flop_model.attended_pairs_x2(seq_len, hsa_on) * tokens
+    return numerator // seq_len if numerator % seq_len == 0 else numerator / seq_len
+
+
+def step_flops(flop_model: FlopModel, densities: Mapping[str, float] | None, tokens: int, seq_len: int,
+               hsa_on: bool = False, update_step: bool = False) -> int | float:
+    """Training FLOPs of one optimizer step over ``tokens`` tokens (all ranks) in sequences of ``seq_len``.
+
+    An exact integer when ``tokens`` is a multiple of ``seq_len``."""
+    weights = tokens * weight_token_flops(flop_model, densities, update_step)
+    return weights + _attention_step_flops(flop_model, tokens, seq_len, hsa_on)
+
+
+def dense_step_flops(flop_model: FlopModel, tokens: int, seq_len: int) -> int | float:
+    """The dense causal baseline of one step: ``tokens * dense_token_flops(seq_len)``."""
+    return step_flops(flop_model, None, tokens, seq_len)
+
+
+# --------------------------------------------------------------------------- runtime accounting
+
+
+class FlopMeter:
+    """Running FLOP totals of a training run, global over all ranks.
+
+    Per optimizer step: :meth:`add_batch` (or :meth:`add_inputs`) for every micro-batch, then :meth:`end_step`
+    once, after the backward and *before* the topology update, with the masks the step's forward and backward ran
+    with (an update step pays the dense weight gradient of their inactive part; the new masks count from the next
+    step on). Active counts read from a :class:`~mst_hf.MaskState` are cached until the next update step or
+    :meth:`load_state_dict`; call :meth:`invalidate` after changing masks any other way.
+    """
+
+    def __init__(self, flop_model: FlopModel):
+        self.flop_model = flop_model
+        self.total_flops: int | float = 0
+        self.dense_total_flops: int | float = 0
+        self.tokens = 0
+        self.steps = 0
+        self.step_flops: int | float = 0
+        self.attention_density = 1.0
+        self._pending: dict[int, int] = {}  # seq_len -> sequences in the current step
+        self._active: dict[str, int] | None = None
+        self._warned = False
+
+    def add_batch(self, n_sequences: int, seq_len: int) -> None:
+        """Count ``n_sequences`` sequences of ``seq_len`` tokens (all ranks) in the current step."""
+        if n_sequences > 0 and seq_len > 0:
+            self._pending[seq_len] = self._pending.get(seq_len, 0) + int(n_sequences)
+
+    def add_inputs(self, inputs: Mapping, world_size: int = 1) -> None:
+        """Count one micro-batch from its ``input_ids`` (or ``inputs_embeds``), times ``world_size`` ranks (every
+        rank is assumed to see the same shape). Padding tokens count: the matmuls run on them too."""
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+        shape = tuple(ids.shape) if ids is not None else None
+        if shape is None and isinstance(inputs, Mapping) and inputs.get("inputs_embeds") is not None:
+            shape = tuple(inputs["inputs_embeds"].shape[:-1])
+        if not shape:
+            if not self._warned:
+                logger.warning("MST FLOP count: a batch has neither `input_ids` nor `inputs_embeds`; not counted.")
+                self._warned = True
+            return
+        n_sequences = 1
+        for size in shape[:-1]:
+            n_sequences *= int(size)
+        self.add_batch(n_sequences * world_size, int(shape[-1]))
+
+    def invalidate(self) -> None:
+        """Forget the cached active counts (re-read from the masks at the next step)."""
+        self._active = None
+
+    def _active_counts(self, masks) -> dict[str, int]:
+        if masks is None:
+            return {}
+        if isinstance(masks, Mapping):  # densities by parameter name
+            return active_weights(self.flop_model, masks)
+        if self._active is None:  # a MaskState
+            self._active = {name: int(mask.count_nonzero()) for name, mask in masks.masks.items()}
+        return self._active
+
+    def end_step(self, masks=None, hsa_on: bool = False, update_step: bool = False) -> int | float:
+        """Close the current step and add it to the totals; returns its FLOPs.
+
+        ``masks``: the :class:`~mst_hf.MaskState` (or ``{name: density}``, or ``None`` for dense) in force during
+        the step; ``hsa_on``: whether the sparse attention pattern ran; ``update_step``: whether the topology is
+        updated after this backward."""
+        fm = self.flop_model
+        weights = _weight_flops(fm, self._active_counts(masks), update_step)
+        dense_weights = 6 * fm.n_params
+        flops = dense = pairs = dense_pairs = 0
+        for seq_len, n in sorted(self._pending.items()):
+            tokens = n * seq_len
+            flops += tokens * weights + _attention_step_flops(fm, tokens, seq_len, hsa_on)
+            dense += tokens * dense_weights + _attention_step_flops(fm, tokens, seq_len, False)
+            pairs += n * fm.attended_pairs_x2(seq_len, hsa_on)
+            dense_pairs += n * fm.attended_pairs_x2(seq_len, False)
+            self.tokens += tokens
+        if dense_pairs:
+            self.attention_density = pairs / dense_pairs
+        self.step_flops = flops
+        self.total_flops += flops
+        self.dense_total_flops += dense
+        self.steps += 1
+        self._pending = {}
+        if update_step:
+            self.invalidate()  # the masks are about to change
+        return flops
+
+    @property
+    def flop_reduction(self) -> float:
+        """Dense total over MST total (1.0 before anything is counted)."""
+        return self.dense_total_flops / self.total_flops if self.total_flops else 1.0
+
+    def metrics(self) -> dict[str, float]:
+        """The ``mst/*`` FLOP values for logs (floats, so every logger can plot them)."""
+        return {
+            "mst/step_flops": float(self.step_flops),
+            "mst/total_flops": float(self.total_flops),
+            "mst/dense_total_flops": float(self.dense_total_flops),
+            "mst/flop_reduction": float(self.flop_reduction),
+            "mst/attention_density": float(self.attention_density),
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-ready totals (exact integers where the counts are), so a resumed run continues them."""
+        return {
+            "total_flops": self.total_flops,
+            "dense_total_flops": self.dense_total_flops,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "step_flops": self.step_flops,
+            "attention_density": self.attention_density,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key, value in self.state_dict().items():
+            setattr(self, key, state.get(key, value))
+        self._pending = {}
+        self.invalidate()

@@ -1,0 +1,398 @@
+"""What leaves an MST run: the compact sparse file, the model card section, and the push to the Hub.
+
+**Compact format** (``mst_sparse.safetensors``, :func:`save_sparse` / :func:`load_sparse`). For each sparse matrix
+``name``: its non-zeros in row-major order under ``name:values`` (original dtype), its bitmask packed 8 per byte
+under ``name:mask`` and its shape under ``name:shape``; every other tensor as is under ``name``. A tensor shared by
+several names (a tied LM head) is stored once and the other names listed as aliases in the metadata. Size per sparse
+matrix: ``density * numel * itemsize + numel / 8`` bytes instead of ``numel * itemsize``. Reloading is bit-exact:
+values are copied bit for bit (``-0.0`` and active weights that are exactly ``0.0`` included) and pruned positions
+are restored as ``+0.0``, which is what :meth:`MaskState.apply_to_weights` leaves there. A SHA-256 digest of the
+payload, stored in the metadata, rejects files whose bytes changed.
+
+**Model card**: :func:`model_card_section` records the schedule (the :class:`MSTConfig` fields), the final sparsity,
+the counted FLOP reduction (matmul FLOPs counted by ``mst_hf.flops``, not a measured time) and the perplexity when
+the model was evaluated; :func:`write_model_card` puts it into ``README.md`` with the tags ``mst`` and ``sparse``.
+
+**Push**: ``MSTTrainer.push_to_hub()`` (Trainer's own path, with the MST files and card added) or
+:func:`push_sparse_to_hub` for a saved directory or a model.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import (
+    MASKS_NAME,
+    SHAPE_SUFFIX,
+    STATE_NAME,
+    atomic_write,
+    mask_state_of,
+    mask_tensors,
+    read_any_masks,
+    read_mask_file,
+    read_saved_info,
+    save_masks,
+    saved_phase,
+    write_json,
+)
+from .config import MST_CONFIG_NAME, MSTConfig
+from .masks import MaskState, pack_mask, unpack_mask
+from .targets import find_targets, unwrap_model
+
+SPARSE_NAME = "mst_sparse.safetensors"
+SPARSE_FORMAT = "mst_hf_sparse"
+SPARSE_VERSION = "1"
+MST_TAGS = ("mst", "sparse")
+CARD_START, CARD_END = "<!-- mst_hf:start -->", "<!-- mst_hf:end -->"
+UPLOAD_IGNORE = ["_*", "checkpoint-*", "*.tmp*"]
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ------------------------------------------------------------------------------------------------ compact format
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers: ``!= 0`` exactly where the value is not ``+0.0`` (``-0.0`` included)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def as_mask_dict(masks) -> dict[str, torch.Tensor] | None:
+    """``{name: bool tensor}`` from a MaskState, MSTController, MSTTrainer, dict or saved masks path."""
+    if masks is None:
+        return None
+    if isinstance(masks, (str, os.PathLike)):
+        return mask_tensors(read_any_masks(str(masks)))
+    state = mask_state_of(masks)
+    if state is not None:
+        return {n: m.cpu() for n, m in state.masks.items()}
+    if isinstance(masks, dict) and all(torch.is_tensor(m) and m.dtype == torch.bool for m in masks.values()):
+        return {n: m.cpu() for n, m in masks.items()}
+    raise TypeError(f"`masks` must be a MaskState, an MSTController/MSTTrainer, a dict name -> bool tensor or the "
+                    f"path of saved masks, got {type(masks).__name__}.")
+
+
+def _plain_model(model):
+    model = unwrap_model(model)
+    if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
+        raise TypeError("This is a PEFT model: merge the adapters first with mst_hf.merge_lora_sparse(peft_model, "
+                        "masks), then save or push the merged model.")
+    return model
+
+
+def save_sparse(model, path, masks=None) -> str:
+    """Write ``model``'s weights in the compact format; returns the file's path.
+
+    ``path``: a directory (gets ``mst_sparse.safetensors`` and the model's ``config.json``) or a file ending in
+    ``.safetensors``. ``masks`` (MaskState, trainer, controller, dict or saved masks path): the matrices to store
+    sparse, with exactly these masks (an active weight that is 0.0 stays stored); their pruned weights must be
+    ``+0.0`` (true after MST training). ``masks=None``: every float matrix whose non-``+0.0`` entries fit in fewer
+    bytes is stored sparse, the rest dense. Either way the file reloads bit-exactly."""
+    model = _plain_model(model)
+    masks = as_mask_dict(masks)
+    path = str(path)
+    if path.endswith(".safetensors"):
+        file = path
+        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, SPARSE_NAME)
+        if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+            model.config.save_pretrained(path)
+    state = model.state_dict()
+    canonical, aliases = {}, {}
+    for name, t in state.items():  # a tied weight is stored once, under its first name
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in canonical and t.numel() > 0:
+            aliases[name] = canonical[key]
+        else:
+            canonical[key] = name
+    masks = {aliases.get(n, n): m for n, m in (masks or {}).items()} if masks is not None else None
+    unknown = sorted(set(masks or {}) - set(state))
+    if unknown:
+        raise ValueError(f"`masks` name parameters the model does not have: {unknown[:5]}. Pass the masks saved from "
+                         "this model.")
+    tensors = {}
+    for name in (n for n in state if n not in aliases):
+        t = state[name].detach().cpu().contiguous()
+        mask = masks.get(name) if masks is not None else None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(t.shape):
+                raise ValueError(f"Mask `{name}` has shape {tuple(mask.shape)}, the weight {tuple(t.shape)}.")
+            n_bad = int(((_bits(t) != 0) & ~mask).sum())
+            if n_bad:
+                raise ValueError(
+                    f"`{name}` holds {n_bad} values other than +0.0 where its mask prunes: storing it sparse would "
+                    "lose them. Zero the pruned weights first (MaskState.apply_to_weights) or pass masks=None."
+                )
+        elif masks is None and t.is_floating_point() and t.ndim >= 2:
+            nonzero = _bits(t) != 0
+            if int(nonzero.sum()) * t.element_size() + (t.numel() + 7) // 8 < t.numel() * t.element_size():
+                mask = nonzero
+        if mask is None:
+            tensors[name] = t
+        else:
+            tensors[name + ":values"] = t[mask]
+            tensors[name + ":mask"] = pack_mask(mask)
+            tensors[name + ":shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+    metadata = {"format": SPARSE_FORMAT, "version": SPARSE_VERSION, "aliases": json.dumps(aliases),
+                "masks": "given" if masks is not None else "nonzero", "digest": _payload_digest(tensors)}
+    atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return file
+
+
+def _sparse_file(path) -> str:
+    path = str(path)
+    return os.path.join(path, SPARSE_NAME) if os.path.isdir(path) else path
+
+
+def _read_sparse_raw(file: str) -> tuple[dict, dict]:
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"No compact MST file at {file!r}; write one with mst_hf.save_sparse(model, path).")
+    try:
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:
+        raise ValueError(f"Compact MST file {file!r} is corrupt, truncated or not a safetensors file ({err}). Save "
+                         "it again from the model.") from err
+    if metadata.get("format") != SPARSE_FORMAT:
+        raise ValueError(f"{file!r} is not a compact mst_hf file (metadata format={metadata.get('format')!r}); "
+                         "write it with mst_hf.save_sparse.")
+    if _payload_digest(tensors) != metadata.get("digest"):
+        raise ValueError(f"Compact MST file {file!r} is corrupt: its bytes do not match the digest stored when it "
+                         "was written. Save it again from the model.")
+    return tensors, metadata
+
+
+def read_sparse(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Read a compact file: ``(dense state dict with every alias, {name: bool mask} of the sparse tensors, aliases)``.
+    """
+    file = _sparse_file(path)
+    tensors, metadata = _read_sparse_raw(file)
+    dense, masks = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(":values"):
+            name = key[: -len(":values")]
+            shape = tuple(int(x) for x in tensors[name + ":shape"].tolist())
+            mask = unpack_mask(tensors[name + ":mask"], shape)
+            if int(mask.sum()) != t.numel():
+                raise ValueError(f"Compact MST file {file!r}: `{name}` has {t.numel()} values for {int(mask.sum())} "
+                                 "mask positions; the file is malformed.")
+            full = torch.zeros(shape, dtype=t.dtype)
+            full[mask] = t
+            dense[name], masks[name] = full, mask
+        elif not key.endswith((":mask", ":shape")):
+            dense[key] = t
+    aliases = json.loads(metadata.get("aliases", "{}"))
+    for alias, name in aliases.items():
+        dense[alias] = dense[name]
+    return dense, masks, aliases
+
+
+def read_sparse_masks(path) -> dict[str, torch.Tensor]:
+    """The masks of a compact file as a packed mask state dict (as in ``mst_masks.safetensors``)."""
+    _, masks, _ = read_sparse(path)
+    out = {}
+    for name, mask in masks.items():
+        out[name] = pack_mask(mask)
+        out[name + SHAPE_SUFFIX] = torch.tensor(list(mask.shape), dtype=torch.int64)
+    return out
+
+
+def load_sparse(path, model=None, **from_config_kwargs):
+    """Load a compact file into ``model`` (in place, bit-exactly; returns it), or, with ``model=None``, into a new
+    ``AutoModelForCausalLM`` built from the ``config.json`` beside the file in the saved dtype
+    (``from_config_kwargs`` such as ``attn_implementation`` are passed on). Names, shapes and dtypes are checked
+    before any weight is written."""
+    dense, _, aliases = read_sparse(path)
+    if model is None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        directory = os.path.dirname(os.path.abspath(_sparse_file(path)))
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ValueError(f"No config.json next to {_sparse_file(path)!r} to build the model from: pass `model=` "
+                             "(a model of the same architecture).")
+        floats = [t.dtype for t in dense.values() if t.is_floating_point()]
+        from_config_kwargs.setdefault("dtype", max(set(floats), key=floats.count) if floats else None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **from_config_kwargs)
+    target = _plain_model(model).state_dict()
+    missing, unexpected = sorted(set(target) - set(dense)), sorted(set(dense) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"Compact file {_sparse_file(path)!r} does not match this {type(model).__name__}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the architecture it was saved "
+                         "from.")
+    for name, t in dense.items():
+        if tuple(target[name].shape) != tuple(t.shape) or target[name].dtype != t.dtype:
+            raise ValueError(
+                f"`{name}` is {t.dtype} {tuple(t.shape)} in {_sparse_file(path)!r} but {target[name].dtype} "
+                f"{tuple(target[name].shape)} in the model. Build the model with the saved dtype (e.g. "
+                f"model.to({t.dtype})) or pass model=None."
+            )
+    with torch.no_grad():
+        for name, t in dense.items():
+            if name not in aliases:
+                target[name].copy_(t)
+        for alias, name in aliases.items():  # untied in this model: copy the shared tensor to both names
+            if target[alias].data_ptr() != target[name].data_ptr():
+                target[alias].copy_(dense[name])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def collect_metrics(log_history: list[dict] | None, controller=None) -> dict:
+    """The latest ``mst/flop_reduction``, FLOP totals and ``eval_loss`` of a Trainer's log history (the controller's
+    FLOP meter, when it has one, wins for the FLOP values)."""
+    metrics = {}
+    for entry in log_history or []:
+        for key in ("mst/flop_reduction", "mst/total_flops", "mst/dense_total_flops", "eval_loss"):
+            if key in entry:
+                metrics[key] = entry[key]
+    flops = getattr(controller, "flops", None)
+    if flops is not None and getattr(flops, "total_flops", 0):
+        metrics.update({"mst/flop_reduction": float(flops.flop_reduction), "mst/total_flops": float(flops.total_flops),
+                        "mst/dense_total_flops": float(flops.dense_total_flops)})
+    return metrics
+
+
+def controller_card_info(controller, step: int | None, total_steps: int | None, metrics: dict | None = None) -> dict:
+    """The dict :func:`model_card_section` reads, from a live controller."""
+    info = controller.config.mst_dict() if isinstance(controller.config, MSTConfig) else {}
+    info.update(saved_phase(step, total_steps, controller.config))
+    info.update(sparsity=controller.masks.sparsity(), metrics=dict(metrics or {}))
+    return info
+
+
+def model_card_section(info: dict) -> str:
+    """Markdown recording an MST model: schedule, final sparsity, counted FLOP reduction, perplexity.
+
+    ``info``: the :class:`MSTConfig` fields plus optional ``saved_at_step``, ``total_steps``, ``saved_in_phase``,
+    ``sparsity`` and ``metrics`` (``mst/flop_reduction``, ``eval_loss``), as in ``mst_config.json`` +
+    ``mst_state.json``."""
+    metrics = info.get("metrics") or {}
+    rows = []
+    if info.get("sparsity") is not None:
+        rows.append(("Final global sparsity of the sparsified weights", f"{100 * info['sparsity']:.2f}%"))
+    if info.get("saved_at_step") is not None:
+        of = f" of {info['total_steps']}" if info.get("total_steps") else ""
+        phase = f" (phase: {info['saved_in_phase']})" if info.get("saved_in_phase") else ""
+        rows.append(("Saved after optimizer step", f"{info['saved_at_step']}{of}{phase}"))
+    if info.get("hsa_active") is not None:
+        rows.append(("Sparse attention pattern at save", "on" if info["hsa_active"] else "off (dense causal)"))
+    if metrics.get("mst/flop_reduction") is not None:
+        rows.append(("Counted training FLOP reduction vs. dense",
+                     f"{metrics['mst/flop_reduction']:.3f}x (counted matmul FLOPs, not a measured time)"))
+    if metrics.get("eval_loss") is not None and math.isfinite(metrics["eval_loss"]):
+        rows.append(("Perplexity (exp of eval loss)", f"{math.exp(metrics['eval_loss']):.4g}"))
+    fields = [k for k in sorted(info) if k in MSTConfig.__dataclass_fields__ and k != "model_type"
+              and k not in ("saved_at_step", "total_steps", "saved_in_phase", "hsa_active", "sparsity", "metrics")]
+    lines = [
+        CARD_START,
+        "## Mixed Sparsity Training",
+        "",
+        "Trained with Mixed Sparsity Training (MST, Hu et al., arXiv:2408.11746) using `mst_hf`. Pruned weights are "
+        "stored as exact zeros, so `AutoModelForCausalLM.from_pretrained` loads this model without `mst_hf`; "
+        f"`{MASKS_NAME}` holds the masks (bit-packed) and `{MST_CONFIG_NAME}` the schedule; "
+        "`mst_hf.load_masks(model, path)` reattaches the masks (to continue training or fine-tune with LoRA).",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
+    if fields:
+        lines += ["", "### Schedule (`MSTConfig`)", "", "| field | value |", "|---|---|"]
+        lines += [f"| `{k}` | `{json.dumps(info[k])}` |" for k in fields]
+    lines += [CARD_END, ""]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: str, info: dict, title: str | None = None) -> str:
+    """Put the MST section into ``directory/README.md`` (replacing an earlier one; creating the card if needed) and
+    make sure its metadata carries the tags ``mst`` and ``sparse``. Returns the card's path."""
+    path = os.path.join(directory, "README.md")
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+    else:
+        data = ModelCardData(library_name="transformers", tags=list(MST_TAGS))
+        title = title or os.path.basename(os.path.normpath(directory))
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n")
+    card.data.tags = list(card.data.tags or []) + [t for t in MST_TAGS if t not in (card.data.tags or [])]
+    text = card.text
+    if CARD_START in text and CARD_END in text:
+        text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END):].lstrip("\n")
+    card.text = text.rstrip("\n") + "\n\n" + model_card_section(info)
+    card.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ push
+def _prepare_model_dir(model, directory: str, masks, mst_config, metrics, compact: bool) -> None:
+    model = _plain_model(model)
+    model.save_pretrained(directory)
+    mask_dict = as_mask_dict(masks)
+    if mask_dict is None:  # the pruned positions: every zero of the MST targets
+        cfg = mst_config if mst_config is not None else MSTConfig()
+        targets = find_targets(model, cfg)
+        state = MaskState({n: t.param for n, t in targets.items()},
+                          {n: t.param.detach() != 0 for n, t in targets.items()})
+    else:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(mask_dict) - set(params))
+        if unknown:
+            raise ValueError(f"`masks` name parameters the model does not have: {unknown[:5]}.")
+        state = MaskState({n: params[n] for n in mask_dict}, mask_dict)
+    save_masks(state, directory)
+    controller = getattr(masks, "mst", masks)
+    if mst_config is None and isinstance(getattr(controller, "config", None), MSTConfig):
+        mst_config = controller.config
+    info = mst_config.mst_dict() if mst_config is not None else {}
+    write_json(os.path.join(directory, MST_CONFIG_NAME), info)
+    write_json(os.path.join(directory, STATE_NAME), {"masks_digest": state.digest(), "sparsity": state.sparsity(),
+                                                      "metrics": dict(metrics or {})})
+    if compact:
+        save_sparse(model, os.path.join(directory, SPARSE_NAME), state)
+
+
+def push_sparse_to_hub(model_or_dir, repo_id: str, *, masks=None, mst_config: MSTConfig | None = None,
+                       metrics: dict | None = None, compact: bool = False, token: str | None = None,
+                       private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
+                       create_pr: bool = False):
+    """Upload an MST model to the Hub repo ``repo_id`` (created if needed); returns the commit info.
+
+    ``model_or_dir``: a directory written by ``trainer.save_model()`` (uploaded as is, with its model card section
+    written or refreshed; ``checkpoint-*`` folders and temporary files are skipped), or a model, saved into a
+    temporary folder with ``mst_masks.safetensors`` (``masks``: MaskState, trainer, controller, dict or path; default:
+    the zeros of the MST targets), ``mst_config.json`` (``mst_config``, or the trainer's), ``mst_state.json``
+    (``metrics``) and, with ``compact=True``, ``mst_sparse.safetensors``. The card gets the tags ``mst`` and
+    ``sparse``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model_or_dir, (str, os.PathLike)):
+            directory = str(model_or_dir)
+            if not os.path.isdir(directory):
+                raise ValueError(f"`model_or_dir` {directory!r} is not a directory; pass a model or the output of "
+                                 "trainer.save_model().")
+            if not os.path.isfile(os.path.join(directory, MASKS_NAME)):
+                raise ValueError(f"{directory!r} has no {MASKS_NAME}: it was not saved by MSTTrainer. Pass the model "
+                                 "itself (with `masks=`) instead.")
+            read_mask_file(directory)  # never publish a corrupt mask file
+        else:
+            directory = tmp
+            _prepare_model_dir(model_or_dir, directory, masks, mst_config, metrics, compact)
+        write_model_card(directory, read_saved_info(directory), title=repo_id.split("/")[-1])
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo.repo_id, folder_path=directory, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or "Upload MST sparse model",
+                                 ignore_patterns=list(UPLOAD_IGNORE))

@@ -1,0 +1,158 @@
+"""Pushing MST models: the exact files each upload path sends, and the model card, with the Hub client intercepted
+(no network: HfApi.create_repo and HfApi.upload_folder are replaced, every other request path raises)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import math  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import huggingface_hub  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from huggingface_hub import ModelCard, RepoUrl  # noqa: E402
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+import mst_hf  # noqa: E402
+from mst_hf import MSTConfig, MSTTrainer  # noqa: E402
+from mst_hf.checkpoint import MASKS_NAME  # noqa: E402
+
+from .helpers import tiny_gpt2, toy_dataset  # noqa: E402
+
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
+MST_FILES = {"mst_config.json", "mst_masks.safetensors", "mst_state.json"}
+
+
+class FakeHub:
+    """Records what would be uploaded: for each upload_folder call, the files it selects (with the real pattern
+    filter and default ignores of huggingface_hub) and their bytes at call time."""
+
+    def __init__(self, monkeypatch):
+        self.repos, self.uploads = [], []
+        hub = self
+
+        def create_repo(api, repo_id, *args, **kwargs):
+            hub.repos.append(repo_id)
+            return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
+
+        def upload_folder(api, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None,
+                          run_as_future=False, commit_message=None, **kwargs):
+            ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+            root = Path(folder_path)
+            files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+            ignore += DEFAULT_IGNORE_PATTERNS
+            kept = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore)
+            hub.uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "message": commit_message,
+                                "files": {f: (root / f).read_bytes() for f in kept}})
+            if run_as_future:
+                future = Future()
+                future.set_result(None)
+                return future
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+        def no_network(*args, **kwargs):
+            raise AssertionError("a Hub request escaped the interception")
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        for name in ("create_commit", "upload_file", "preupload_lfs_files", "model_info"):
+            monkeypatch.setattr(huggingface_hub.HfApi, name, no_network)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP spin contention on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def mst_config():
+    return MSTConfig(initial_sparsity=0.5, ultra_sparsity=0.8, final_sparsity=0.6, warmup_ratio=0.2,
+                     restoration_ratio=0.2, update_interval=2, hsa_pattern="dense")
+
+
+def pushing_trainer(tmp_path, **args_kw):
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2,
+                report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=5, push_to_hub=True,
+                hub_model_id="me/mst-tiny", hub_strategy="every_save", save_strategy="steps", save_steps=5)
+    args.update(args_kw)
+    return MSTTrainer(tiny_gpt2(), TrainingArguments(**args), mst_config=mst_config(),
+                      train_dataset=toy_dataset(40, seq_len=16), eval_dataset=toy_dataset(8, seq_len=16, seed=1))
+
+
+def test_trainer_push_uploads_model_mst_files_and_card(tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    trainer = pushing_trainer(tmp_path)
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+
+    # Every checkpoint push carries the masks of that checkpoint (Trainer alone would copy only its own files).
+    checkpoint_pushes = [u for u in hub.uploads if u["message"].startswith("Training in progress")]
+    assert len(checkpoint_pushes) == 2
+    for upload, step in zip(checkpoint_pushes, (5, 10)):
+        masks = (tmp_path / "run" / f"checkpoint-{step}" / MASKS_NAME).read_bytes()
+        assert upload["files"][MASKS_NAME] == masks and MST_FILES <= set(upload["files"])
+
+    trainer.push_to_hub()
+    final = hub.uploads[-1]
+    assert final["repo_id"] == "me/mst-tiny"
+    assert set(final["files"]) == MODEL_FILES | MST_FILES | {"README.md", "training_args.bin"}
+    card = ModelCard(final["files"]["README.md"].decode())
+    assert {"mst", "sparse"} <= set(card.data.tags)
+    reduction = trainer.mst.flops.flop_reduction
+    assert reduction > 1.0
+    assert f"{reduction:.3f}x (counted matmul FLOPs, not a measured time)" in card.text
+    assert f"| Perplexity (exp of eval loss) | {math.exp(eval_loss):.4g} |" in card.text
+    sparsity = 100 * trainer.mst.masks.sparsity()
+    assert f"| Final global sparsity of the sparsified weights | {sparsity:.2f}% |" in card.text
+    assert "| `ultra_sparsity` | `0.8` |" in card.text and "| `update_interval` | `2` |" in card.text
+    assert card.text.count("## Mixed Sparsity Training") == 1
+
+
+def test_push_sparse_to_hub_from_a_model_with_compact_file(tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    model = tiny_gpt2()
+    controller = mst_hf.MSTController(model, mst_config())
+    mst_hf.push_sparse_to_hub(model, "me/compact", masks=controller, compact=True,
+                              metrics={"mst/flop_reduction": 3.25, "eval_loss": 2.0})
+    upload = hub.uploads[-1]
+    assert hub.repos == ["me/compact"] and upload["repo_id"] == "me/compact"
+    assert set(upload["files"]) == MODEL_FILES | MST_FILES | {"README.md", "mst_sparse.safetensors"}
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert "3.250x (counted matmul FLOPs" in card.text and f"{math.exp(2.0):.4g}" in card.text
+    assert "`initial_sparsity` | `0.5`" in card.text and {"mst", "sparse"} <= set(card.data.tags)
+    saved = tmp_path / "masks.safetensors"
+    saved.write_bytes(upload["files"][MASKS_NAME])
+    assert mst_hf.load_masks(tiny_gpt2(), str(saved)).digest() == controller.masks.digest()
+
+
+def test_push_sparse_to_hub_from_a_saved_directory_skips_checkpoints(tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    trainer = pushing_trainer(tmp_path, push_to_hub=False, save_strategy="no", max_steps=4)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
+    (out / "_scratch.txt").write_text("temporary")
+    mst_hf.push_sparse_to_hub(str(out), "me/from-dir")
+    assert set(hub.uploads[-1]["files"]) == MODEL_FILES | MST_FILES | {"README.md", "training_args.bin"}
+
+
+def test_push_refuses_a_corrupt_mask_file_before_uploading(tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    model = tiny_gpt2()
+    controller = mst_hf.MSTController(model, mst_config())
+    out = tmp_path / "saved"
+    model.save_pretrained(str(out))
+    mst_hf.checkpoint.save_mst_files(str(out), controller)
+    data = bytearray((out / MASKS_NAME).read_bytes())
+    data[-1] ^= 0xFF
+    (out / MASKS_NAME).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        mst_hf.push_sparse_to_hub(str(out), "me/bad")
+    assert hub.uploads == [] and hub.repos == []
