@@ -36,7 +36,9 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 def gpt2(size: str, seq_len: int, seed: int = 0, attn_implementation: str = "sdpa"):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=50304, n_positions=max(seq_len, 1024), **GPT2_SIZES[size])
+    # No dropout (as in current pretraining recipes); attention dropout would also rule out the FlexAttention path.
+    cfg = GPT2Config(vocab_size=50304, n_positions=max(seq_len, 1024), attn_pdrop=0.0, resid_pdrop=0.0,
+                     embd_pdrop=0.0, **GPT2_SIZES[size])
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
 
 

@@ -12,18 +12,18 @@ import argparse
 import time
 
 import torch
+from _common import StepTimer, TokenBlocks, gpt2, hardware, versions, write_json
 from transformers import Trainer, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer
-
-from _common import StepTimer, TokenBlocks, gpt2, hardware, versions, write_json
 
 
 def run_once(kind: str, compile_: bool, data, args) -> float:
     model = gpt2(args.model, args.seq_len)
     targs = TrainingArguments(
         output_dir="/tmp/overhead", max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=3e-4, bf16=torch.cuda.is_available(), logging_steps=50, report_to=[], save_strategy="no", disable_tqdm=True,
+        learning_rate=3e-4, bf16=torch.cuda.is_available(), logging_steps=50, report_to=[], save_strategy="no",
+        disable_tqdm=True,
         dataloader_num_workers=2 if torch.cuda.is_available() else 0, use_cpu=not torch.cuda.is_available(),
         torch_compile=compile_, seed=0, lr_scheduler_type="constant",
     )

@@ -7,7 +7,8 @@ Methods, each for the same number of optimizer steps and tokens:
 * ``static``: fixed random Erdős–Rényi masks (no drop/grow) at MST's mean weight density, dense attention;
 * ``rigl``: constant-sparsity RigL (gradient growth, cosine drop fraction) at the same mean density, dense attention;
 * ablations of MST: ``mst_no_hsa`` (dense attention), ``mst_no_mg`` (gradient growth in every phase), ``mst_no_sv``
-  (no sparsity variation: constant sparsity at MST's mean density, with MG and HSA).
+  (no sparsity variation: constant sparsity at MST's mean density, with MG and HSA), ``mst_linear_restoration``
+  (connections given back linearly instead of the cubic time mirror, so they are regrown earlier).
 
     PYTHONPATH=. python bench/study.py --data .gpu/data --methods dense,mst,static,rigl --seeds 0 --out results
 
@@ -21,13 +22,12 @@ import time
 
 import numpy as np
 import torch
+from _common import TokenBlocks, gpt2, hardware, versions, write_json
 from transformers import Trainer, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer
 from mst_hf.flops import dense_step_flops, model_flop_shapes
 from mst_hf.plan import plan_run
-
-from _common import TokenBlocks, gpt2, hardware, versions, write_json
 
 
 def mst_config(method: str, args, mean_density: float | None = None) -> MSTConfig | None:
@@ -36,6 +36,8 @@ def mst_config(method: str, args, mean_density: float | None = None) -> MSTConfi
         return MSTConfig.from_preset("gpt2-4x", **base)
     if method == "mst_no_hsa":
         return MSTConfig.from_preset("gpt2-4x", hsa_pattern="dense", **base)
+    if method == "mst_linear_restoration":
+        return MSTConfig.from_preset("gpt2-4x", restoration_curve="linear", **base)
     if method == "mst_no_mg":
         return MSTConfig.from_preset("gpt2-4x", grow_method="gradient", **base)
     constant = dict(initial_sparsity=1 - mean_density, ultra_sparsity=1 - mean_density,
@@ -59,10 +61,12 @@ def run(method: str, seed: int, args, train, val, mean_density: float) -> dict:
     targs = TrainingArguments(
         output_dir=f"/tmp/study/{method}-{seed}", max_steps=args.steps, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=args.lr_warmup, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, bf16=torch.cuda.is_available(),
+        warmup_steps=args.lr_warmup, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
+        bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         logging_steps=max(args.steps // 20, 1), eval_strategy="steps", eval_steps=max(args.steps // 4, 1),
-        report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=2 if torch.cuda.is_available() else 0, seed=seed,
+        report_to=[], save_strategy="no", disable_tqdm=True, seed=seed,
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
         torch_compile=args.compile,
     )
     common = dict(train_dataset=train, eval_dataset=val)

@@ -6,18 +6,21 @@ This is the usual shape of transformers' ``run_clm.py`` (model/data/training arg
 adds or changes carries a ``# MST`` comment.
 
 With no data or model argument it trains a small GPT-2 on the text shipped with ``mst_hf`` (Moby-Dick and the
-GPT-2 tokenizer), offline, in a few minutes on a laptop CPU, and writes ``mst_output/summary.{json,md}`` and
-``mst_output/schedule.png``::
+GPT-2 tokenizer), offline, in about four and a half minutes on 2 CPU cores, and writes the model,
+``mst_output/summary.{json,md}``, ``mst_output/trace.json`` and ``mst_output/schedule.png``::
 
     python examples/run_clm_mst.py
     python examples/run_clm_mst.py --compare_dense          # also trains the dense baseline
-    accelerate launch --num_processes 2 --cpu examples/run_clm_mst.py --report_to tensorboard
     python examples/run_clm_mst.py args.json                # all arguments from a JSON file
+    accelerate launch --num_processes 2 examples/run_clm_mst.py --report_to tensorboard   # on 2 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/run_clm_mst.py --use_cpu \
+        --ddp_backend gloo                                  # 2 CPU processes (see docs/example.md)
 
 The FLOP reduction it reports is *counted* (matmul FLOPs of the masked weights and of the attention pattern, the
 paper's convention), not measured time: dense kernels run the masked weights at full cost.
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -52,6 +55,8 @@ import mst_hf  # MST
 from mst_hf import MSTConfig, MSTTrainer, schedule  # MST
 from mst_hf.embedded import embedded_tokenizer, load_embedded_dataset  # MST
 from mst_hf.metrics import TOKEN_ACCURACY_PATH  # MST
+from mst_hf.plan import plan_run  # MST
+from mst_hf.plotting import plot_schedule  # MST
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +209,9 @@ class MSTArguments:  # MST
     mst_hsa_stride: int | None = field(
         default=None, metadata={"help": "Stride. Default: 128, or block_size // 8 for blocks under 1024."}
     )
-    mst_hsa_block: int | None = field(default=None, metadata={"help": "Block of the fixed pattern (default 128)."})
+    mst_hsa_block: int | None = field(
+        default=None, metadata={"help": "Block of the fixed pattern. Default: 128, or block_size // 8 under 1024."}
+    )
     mst_hsa_phases: str | None = field(default=None, metadata={"help": "Comma-separated phases with HSA (ultra)."})
     mst_hsa_layers: str | None = field(
         default=None, metadata={"help": "all, alternate, or comma-separated layer indices (all)."}
@@ -253,21 +260,19 @@ _MST_PARSERS = {
 
 def build_mst_config(mst_args: MSTArguments, max_steps: int, block_size: int) -> MSTConfig:  # MST
     """The `MSTConfig` of the run: preset, then the explicit `--mst_*` values, then run-scaled defaults for the
-    update interval (about 25 updates in runs under 2500 steps) and the HSA window/stride (block_size // 8, the
-    paper's 128 at 1024). A bad value raises the config's error, prefixed with the command-line flag."""
-    explicit = {}
+    update interval (about 25 updates in runs under 2500 steps) and the HSA window/stride/block (block_size // 8,
+    the paper's 128 at 1024). A bad value raises the config's error, prefixed with the command-line flag."""
+    if mst_args.mst_preset is not None and mst_args.mst_preset not in mst_hf.PRESETS:
+        raise ValueError(f"`--mst_preset` must be one of {sorted(mst_hf.PRESETS)}, got {mst_args.mst_preset!r}.")
+    fields = copy.deepcopy(mst_hf.PRESETS[mst_args.mst_preset]) if mst_args.mst_preset else {}
     for name, value in asdict(mst_args).items():
         if not name.startswith("mst_") or name in ("mst_preset", "mst_mask_digest_file") or value is None:
             continue
         key = name[len("mst_"):]
-        explicit[key] = _MST_PARSERS[key](value) if key in _MST_PARSERS else value
-    fields = dict(mst_hf.PRESETS[mst_args.mst_preset]) if mst_args.mst_preset in mst_hf.PRESETS else {}
-    if mst_args.mst_preset is not None and mst_args.mst_preset not in mst_hf.PRESETS:
-        raise ValueError(f"`--mst_preset` must be one of {sorted(mst_hf.PRESETS)}, got {mst_args.mst_preset!r}.")
-    fields.update(explicit)
+        fields[key] = _MST_PARSERS[key](value) if key in _MST_PARSERS else value
     if "update_interval" not in fields:
         fields["update_interval"] = min(100, max(1, max_steps // 25))
-    for name in ("hsa_window", "hsa_stride"):
+    for name in ("hsa_window", "hsa_stride", "hsa_block"):
         if name not in fields and block_size < 1024:
             fields[name] = max(1, block_size // 8)
     try:
@@ -296,24 +301,30 @@ class MaskDigestCallback(TrainerCallback):  # MST
             self.seen = len(history)
 
 
-def enable_hsa(model, mst_config: MSTConfig) -> bool:  # MST
-    """Run the model with the registered "mst_hsa" attention, configured from the MST config (off until the
-    trainer switches it on in its phases). Returns False for ``hsa_pattern="dense"``."""
-    if mst_config.hsa_pattern == "dense":
-        return False
-    from mst_hf import attention
+class MSTTraceCallback(TrainerCallback):  # MST
+    """Record the run step by step, in the layout of `mst_hf.plan.Plan.trace()` (entry ``t`` describes optimizer step
+    ``t``: the schedule's target, the sparsity of the masks in force during the step, its attention density, and the
+    cumulative counted FLOPs through it), for `mst_hf.plotting.plot_schedule` and ``trace.json``."""
 
-    model.set_attn_implementation(attention.HSA_NAME)
-    attention.configure_hsa(
-        model,
-        pattern=mst_config.hsa_pattern,
-        window=mst_config.hsa_window,
-        stride=mst_config.hsa_stride,
-        block=mst_config.hsa_block,
-        layers=mst_config.hsa_layers,
-        head_split=mst_config.hsa_head_split,
-    )
-    return True
+    KEYS = ("step", "target_sparsity", "sparsity", "attention_density", "mst_cumulative_flops",
+            "dense_cumulative_flops")
+
+    def __init__(self, controller, mst_config: MSTConfig):
+        self.controller, self.mst_config = controller, mst_config
+        self.trace = {key: [] for key in self.KEYS}
+        self.in_force = controller.masks.sparsity()  # sparsity of the masks the next step runs with
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step, flops = state.global_step - 1, self.controller.flops.metrics()
+        row = (step, schedule.target_sparsity(step, state.max_steps, self.mst_config), self.in_force,
+               flops["mst/attention_density"], flops["mst/total_flops"], flops["mst/dense_total_flops"])
+        for key, value in zip(self.KEYS, row):
+            self.trace[key].append(value)
+        self.in_force = self.controller.masks.sparsity()  # after this step's topology update, if any
+
+    def arrays(self, total_steps: int) -> dict:
+        return {**{k: np.asarray(v) for k, v in self.trace.items()},
+                "phase_bounds": schedule.phase_bounds(total_steps, self.mst_config)}
 
 
 # ---------------------------------------------------------------------------------------------------------- arguments
@@ -504,63 +515,45 @@ def perplexity(loss: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- summary
-def mst_trace(log_history: list[dict], max_steps: int, mst_config: MSTConfig) -> dict:  # MST
-    """The logged run as arrays for `mst_hf.plotting.plot_schedule`: one point per training log line carrying the
-    counted FLOPs, plus step 0; the target sparsity is the schedule's value at each logged step."""
-    rows = [r for r in log_history if "mst/total_flops" in r and "loss" in r]
-    steps = [0] + [r["step"] for r in rows]
-    return {
-        "step": np.array(steps),
-        "target_sparsity": np.array(
-            [schedule.target_sparsity(min(s, max_steps - 1), max_steps, mst_config) for s in steps]
-        ),
-        "sparsity": np.array([mst_config.initial_sparsity] + [r["mst/sparsity"] for r in rows]),
-        "attention_density": np.array([1.0] + [r["mst/attention_density"] for r in rows]),
-        "mst_cumulative_flops": np.array([0.0] + [r["mst/total_flops"] for r in rows]),
-        "dense_cumulative_flops": np.array([0.0] + [r["mst/dense_total_flops"] for r in rows]),
-        "phase_bounds": schedule.phase_bounds(max_steps, mst_config),
-    }
-
-
 def last_logged(log_history: list[dict], key: str):
     return next((r[key] for r in reversed(log_history) if key in r), None)
 
 
 def write_summary(output_dir: str, summary: dict) -> str:
-    """Write ``summary.json`` and ``summary.md``; return the markdown."""
+    """Write ``summary.json`` and ``summary.md`` (MST and, with ``--compare_dense``, dense side by side); return the
+    markdown."""
     with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    mst = summary["mst"]
+    mst, dense = summary["mst"], summary.get("dense")
+    runs = [("MST", mst)] + ([("dense", dense)] if dense else [])
+
+    def row(label, fmt, key):
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, r in runs]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     lines = [
         "# MST run summary",
         "",
-        "| | value |",
-        "|---|---|",
-        f"| model | {summary['model']} ({summary['parameters'] / 1e6:.2f}M parameters) |",
-        f"| data | {summary['data']} ({summary['train_blocks']} train / {summary['eval_blocks']} eval blocks of "
-        f"{summary['block_size']} tokens) |",
-        f"| optimizer steps | {summary['max_steps']} |",
-        f"| perplexity before training | {summary['untrained_perplexity']:.1f} |",
-        f"| perplexity after MST training | {mst['perplexity']:.2f} |",
-        f"| token accuracy after MST training | {mst['token_accuracy']:.4f} |",
-        f"| final sparsity (masked weights) | {mst['final_sparsity']:.4f} |",
-        f"| topology updates | {mst['topology_updates']} |",
-        f"| FLOP reduction vs dense, counted | {mst['counted_flop_reduction']:.3f}x |",
-        f"| FLOP reduction vs dense, planned | {mst['planned_flop_reduction']:.3f}x |",
-        f"| MST training time | {mst['train_seconds']:.1f} s |",
-    ]
-    dense = summary.get("dense")
-    if dense is not None:
-        lines += [
-            f"| perplexity after dense training | {dense['perplexity']:.2f} |",
-            f"| token accuracy after dense training | {dense['token_accuracy']:.4f} |",
-            f"| dense training time | {dense['train_seconds']:.1f} s |",
-        ]
-    lines += [
-        f"| wall time, whole script | {summary['wall_seconds']:.1f} s |",
+        f"{summary['model']}, {summary['parameters'] / 1e6:.2f}M parameters; {summary['data']}: "
+        f"{summary['train_blocks']} training and {summary['eval_blocks']} evaluation blocks of "
+        f"{summary['block_size']} tokens; {summary['max_steps']} optimizer steps of {summary['tokens_per_step']} "
+        f"tokens. Perplexity before training: {summary['untrained_perplexity']:.1f}.",
         "",
-        "FLOP reductions are counted matmul FLOPs (weights at their mask density, attention at its pattern density),",
-        "not time: the masked weights run on dense kernels here, so the wall times above do not shrink with sparsity.",
+        "| | " + " | ".join(name for name, _ in runs) + " |",
+        "|---|" + "---|" * len(runs),
+        row("perplexity after training", "{:.2f}", "perplexity"),
+        row("next-token accuracy", "{:.4f}", "token_accuracy"),
+        row("training FLOPs (counted)", "{:.4e}", "total_flops"),
+        row("FLOP reduction vs dense (counted)", "{:.3f}x", "counted_flop_reduction"),
+        row("FLOP reduction vs dense (planned)", "{:.3f}x", "planned_flop_reduction"),
+        row("final weight sparsity", "{:.4f}", "final_sparsity"),
+        row("topology updates", "{}", "topology_updates"),
+        row("training time (s)", "{:.1f}", "train_seconds"),
+        "",
+        f"Wall time of the whole script: {summary['wall_seconds']:.1f} s.",
+        "",
+        "FLOPs are counted matmul FLOPs (weights at their mask density, attention at its pattern density), not time:",
+        "the masked weights run on dense kernels here, so the training times do not shrink with sparsity.",
         "",
     ]
     markdown = "\n".join(lines)
@@ -589,6 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.max_steps}; `--num_train_epochs` alone is not enough)."
         )
 
+    build_mst_config(mst_args, training_args.max_steps, data_args.block_size or DEFAULT_BLOCK_SIZE)  # MST: fail fast
     raw = load_raw_datasets(data_args, model_args)
     tokenizer = load_tokenizer(model_args)
     if data_args.block_size is None and uses_embedded_model(model_args):  # MST: the embedded default run
@@ -599,9 +593,9 @@ def main(argv: list[str] | None = None) -> dict:
     mst_config = build_mst_config(mst_args, training_args.max_steps, block_size)  # MST
     logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")
 
+    dense_config = copy.deepcopy(config)  # MST: the dense baseline's, untouched by MSTTrainer's HSA settings
     set_seed(training_args.seed)  # the dense baseline starts from the same initial weights
     model = build_model(model_args, config, tokenizer)
-    hsa = enable_hsa(model, mst_config)  # MST
     compute_metrics = make_compute_metrics(training_args)
     trainer = MSTTrainer(  # MST: MSTTrainer instead of Trainer
         model=model,
@@ -614,6 +608,8 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
+    trace = MSTTraceCallback(trainer.mst, mst_config)  # MST
+    trainer.add_callback(trace)  # MST
     if mst_args.mst_mask_digest_file is not None:  # MST
         digest_path, rank = mst_args.mst_mask_digest_file, training_args.process_index
         trainer.add_callback(MaskDigestCallback(trainer.mst, digest_path, rank))
@@ -632,9 +628,6 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_metrics("all", {**train_result.metrics, **metrics})
 
     # MST: counted FLOPs from the trainer's logs, the plan's prediction, and the schedule plot.
-    from mst_hf.plan import plan_run
-    from mst_hf.plotting import plot_schedule
-
     history = trainer.state.log_history
     tokens_per_step = (
         training_args.per_device_train_batch_size * training_args.world_size
@@ -656,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
         "untrained_perplexity": perplexity(untrained["eval_untrained_loss"]),
         "untrained_token_accuracy": untrained.get("eval_untrained_accuracy"),
         "mst_config": mst_config.mst_dict(),
-        "hsa": hsa,
+        "hsa": mst_config.hsa_pattern != "dense",  # MSTTrainer runs the model with the "mst_hsa" attention
         "mst": {
             "perplexity": metrics["perplexity"],
             "eval_loss": metrics["eval_loss"],
@@ -672,13 +665,14 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     if training_args.should_save:
-        plot_schedule(mst_trace(history, training_args.max_steps, mst_config),
-                      os.path.join(training_args.output_dir, "schedule.png"),
+        with open(os.path.join(training_args.output_dir, "trace.json"), "w", encoding="utf-8") as f:
+            json.dump(trace.trace, f)
+        plot_schedule(trace.arrays(training_args.max_steps), os.path.join(training_args.output_dir, "schedule.png"),
                       title=f"MST run: counted FLOP reduction {summary['mst']['counted_flop_reduction']:.2f}x")
 
     if mst_args.compare_dense:  # MST: the dense baseline, same data, steps and initialisation
         set_seed(training_args.seed)
-        dense_model = build_model(model_args, config, tokenizer)
+        dense_model = build_model(model_args, dense_config, tokenizer)
         dense_args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "dense"))
         dense_trainer = Trainer(
             model=dense_model, args=dense_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -694,6 +688,9 @@ def main(argv: list[str] | None = None) -> dict:
             "perplexity": perplexity(dense_metrics["eval_loss"]),
             "eval_loss": dense_metrics["eval_loss"],
             "token_accuracy": dense_metrics.get("eval_accuracy"),
+            "total_flops": summary["mst"]["dense_total_flops"],  # the same count at full density
+            "counted_flop_reduction": 1.0,
+            "final_sparsity": 0.0,
             "train_seconds": dense_seconds,
         }
 

@@ -165,7 +165,9 @@ class MSTConfig(PretrainedConfig):
             if value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)
             ):
-                raise TypeError(f"`{name}` must be None, a regex string or a list of module-name suffixes, got {value!r}.")
+                raise TypeError(
+                    f"`{name}` must be None, a regex string or a list of module-name suffixes, got {value!r}."
+                )
         if not isinstance(self.sparsify_lm_head, bool):
             raise TypeError(f"`sparsify_lm_head` must be True or False, got {self.sparsify_lm_head!r}.")
         if not _is_int(self.seed):
@@ -176,7 +178,9 @@ class MSTConfig(PretrainedConfig):
         method = self.grow_method
         if isinstance(method, str):
             if method not in GROW_METHODS:
-                raise ValueError(f"`grow_method` must be one of {GROW_METHODS} or a dict phase -> method, got {method!r}.")
+                raise ValueError(
+                    f"`grow_method` must be one of {GROW_METHODS} or a dict phase -> method, got {method!r}."
+                )
             return
         if not isinstance(method, dict):
             raise TypeError(f"`grow_method` must be a method name or a dict phase -> method name, got {method!r}.")
@@ -206,9 +210,13 @@ class MSTConfig(PretrainedConfig):
         layers = self.hsa_layers
         if isinstance(layers, str):
             if layers not in ("all", "alternate"):
-                raise ValueError(f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
+                raise ValueError(
+                    f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}."
+                )
         elif not (isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers)):
-            raise ValueError(f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices >= 0, got {layers!r}.")
+            raise ValueError(
+                f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices >= 0, got {layers!r}."
+            )
         if not isinstance(self.hsa_head_split, bool):
             raise TypeError(f"`hsa_head_split` must be True or False, got {self.hsa_head_split!r}.")
         if self.hsa_head_split and self.hsa_pattern != "local_strided":

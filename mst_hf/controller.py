@@ -36,6 +36,7 @@ class MSTController:
         self.history: list[dict] = []  # one record per topology update
         self.last_update_step: int | None = None
         self.hsa_on: bool | None = None
+        self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
         if initialize_masks and mst_config.initial_sparsity > 0:
             self._random_initial_masks(mst_config.initial_sparsity)
@@ -107,6 +108,7 @@ class MSTController:
     # ------------------------------------------------------------------ the three hooks
     def before_forward(self, step: int, total_steps: int) -> bool:
         """Switch hybrid sparse attention on or off for ``step``; returns whether it is on."""
+        self.current_step = step
         on = schedule.hsa_active(step, total_steps, self.config)
         if on != self.hsa_on:
             if self.config.hsa_pattern != "dense":

@@ -5,9 +5,12 @@
 * :func:`embedded_corpus_path`: Herman Melville's *Moby Dick* (public domain), one UTF-8 text file.
 * :func:`load_embedded_dataset`: the book as a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits,
   one line per row in a ``text`` column: the input format of ``run_clm.py``-style tokenize-then-group pipelines.
+* :func:`load_embedded_lm_dataset`: the same splits tokenized and cut into blocks of ``block_size`` tokens with
+  ``labels = input_ids``, ready for a causal-LM ``Trainer``.
 """
 
 import os
+from itertools import chain
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOKENIZER_DIR = os.path.join(DATA_DIR, "gpt2-tokenizer")
@@ -65,3 +68,26 @@ def load_embedded_dataset(name: str = DEFAULT_CORPUS, validation_fraction: float
         train=Dataset.from_dict({"text": train_text.splitlines(keepends=True)}),
         validation=Dataset.from_dict({"text": validation_text.splitlines(keepends=True)}),
     )
+
+
+def group_texts(examples: dict, block_size: int) -> dict:
+    """Concatenate tokenized texts and cut them into ``block_size`` blocks (the remainder is dropped); the labels are
+    the inputs (the model shifts them). For ``Dataset.map(..., batched=True)``."""
+    ids = list(chain.from_iterable(examples["input_ids"]))
+    n = len(ids) // block_size * block_size
+    blocks = [ids[i : i + block_size] for i in range(0, n, block_size)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def load_embedded_lm_dataset(tokenizer=None, block_size: int = 128, validation_fraction: float = 0.05,
+                             name: str = DEFAULT_CORPUS):
+    """The shipped corpus, tokenized (``tokenizer``, default :func:`embedded_tokenizer`) and cut into blocks of
+    ``block_size`` tokens: a ``DatasetDict`` with ``train`` and ``validation`` splits of ``input_ids`` and
+    ``labels``. Every block of the train split comes before every block of the validation split in the book."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
+        raise ValueError(f"`block_size` must be an int >= 2 (tokens per training sequence), got {block_size!r}.")
+    tokenizer = embedded_tokenizer() if tokenizer is None else tokenizer
+    raw = load_embedded_dataset(name, validation_fraction)
+    tokenized = raw.map(lambda batch: tokenizer(list(batch["text"])), batched=True, remove_columns=["text"])
+    columns = tokenized["train"].column_names
+    return tokenized.map(group_texts, batched=True, remove_columns=columns, fn_kwargs={"block_size": block_size})

@@ -31,7 +31,10 @@ def _round_half_up(x: float) -> int:
 
 
 def phase_bounds(total_steps: int, config) -> tuple[int, int]:
-    """Return ``(ultra_start, restoration_start)``: warm-up is ``[0, ultra_start)``, restoration ``[restoration_start, T)``."""
+    """Return ``(ultra_start, restoration_start)``.
+
+    Warm-up is ``[0, ultra_start)``, ultra-sparsification ``[ultra_start, restoration_start)``, restoration
+    ``[restoration_start, T)``."""
     if total_steps < 1:
         raise ValueError(f"`total_steps` must be a positive number of optimizer steps, got {total_steps!r}.")
     warmup = _round_half_up(config.warmup_ratio * total_steps)

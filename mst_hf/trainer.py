@@ -87,12 +87,15 @@ class MSTTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def mst_metrics(self) -> dict[str, float]:
-        """The MST values added to every log line (scalars only, so TensorBoard can plot them)."""
-        step, total = self.state.global_step, max(self.state.max_steps, 1)
+        """The MST values added to every log line (scalars only, so TensorBoard can plot them). All describe the
+        optimizer step that ran last, like the loss they are logged with."""
+        total = max(self.state.max_steps, 1)
+        step = self.mst.current_step if self.mst.current_step is not None else self.state.global_step
+        step = min(step, total - 1)
         return {
             "mst/sparsity": self.mst.masks.sparsity(),
-            "mst/phase": float(PHASE_INDEX[schedule.phase(min(step, total - 1), total, self.mst_config)]),
-            "mst/drop_fraction": schedule.drop_fraction(min(step, total - 1), total, self.mst_config),
+            "mst/phase": float(PHASE_INDEX[schedule.phase(step, total, self.mst_config)]),
+            "mst/drop_fraction": schedule.drop_fraction(step, total, self.mst_config),
             "mst/hsa": float(bool(self.mst.hsa_on)),
             **self.mst.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
         }

@@ -78,6 +78,15 @@ def test_embedded_validation_split_is_the_end_of_the_book():
     assert text.startswith(train) and text.endswith(validation) and 0.04 < len(validation) / len(text) < 0.06
 
 
+@pytest.mark.slow
+def test_embedded_lm_dataset_is_blocks_with_labels():
+    from mst_hf.embedded import load_embedded_lm_dataset
+
+    data = load_embedded_lm_dataset(block_size=256)
+    rows = data["validation"][:3]
+    assert {len(ids) for ids in data["train"][:50]["input_ids"]} == {256} and rows["labels"] == rows["input_ids"]
+
+
 def test_embedded_split_rejects_a_bad_fraction():
     from mst_hf.embedded import load_embedded_dataset
 
@@ -114,10 +123,9 @@ def test_argument_names_do_not_clash(example):
 
 
 def test_every_mst_config_field_has_an_argument(example):
-    from mst_hf.config import _MST_FIELDS
-
+    fields = set(mst_hf.MSTConfig().mst_dict()) - {"model_type"}
     arguments = {f.name for f in dataclasses.fields(example.MSTArguments)}
-    assert sorted(name for name in _MST_FIELDS if f"mst_{name}" not in arguments) == []
+    assert sorted(name for name in fields if f"mst_{name}" not in arguments) == []
 
 
 def test_a_single_json_argument_is_a_config_file(example, tmp_path):
@@ -136,7 +144,7 @@ def test_bad_mst_argument_names_the_flag(example):
 
 def test_mst_config_scales_to_short_runs(example):
     config = example.build_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
-    assert (config.update_interval, config.hsa_window, config.hsa_stride) == (10, 16, 16)
+    assert (config.update_interval, config.hsa_window, config.hsa_stride, config.hsa_block) == (10, 16, 16, 16)
 
 
 def test_explicit_mst_arguments_override_the_preset(example):
@@ -150,8 +158,8 @@ def test_explicit_mst_arguments_override_the_preset(example):
 # ------------------------------------------------------------------------------------------ a tiny run
 @pytest.mark.slow
 def test_run_writes_summary_plot_and_model(tiny_run):
-    names = ("summary.json", "summary.md", "schedule.png", "model.safetensors", "config.json", "mst_masks.safetensors",
-             "mst_config.json", "tokenizer.json")
+    names = ("summary.json", "summary.md", "schedule.png", "trace.json", "model.safetensors", "config.json",
+             "mst_masks.safetensors", "mst_config.json", "tokenizer.json")
     assert [n for n in names if not os.path.isfile(os.path.join(tiny_run, n))] == []
 
 
@@ -167,6 +175,23 @@ def test_run_reports_finite_perplexities_and_counted_flops(tiny_run):
 def test_run_counted_flops_match_the_plan(tiny_run):
     mst = read_summary(tiny_run)["mst"]
     assert mst["counted_flop_reduction"] == pytest.approx(mst["planned_flop_reduction"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_run_trace_matches_the_plan_step_by_step(tiny_run):
+    """The per-step trace the example records (trace.json, drawn in schedule.png) is what `plan_run` predicts."""
+    import numpy as np
+
+    from mst_hf.plan import load_mst_config, plan_run
+
+    summary = read_summary(tiny_run)
+    plan = plan_run(os.path.join(tiny_run, "config.json"), load_mst_config(str(tiny_run)), summary["max_steps"],
+                    summary["tokens_per_step"], summary["block_size"]).trace()
+    with open(os.path.join(tiny_run, "trace.json"), encoding="utf-8") as f:
+        trace = json.load(f)
+    keys = ("step", "target_sparsity", "sparsity", "attention_density", "mst_cumulative_flops",
+            "dense_cumulative_flops")
+    assert {k: bool(np.allclose(trace[k], plan[k], rtol=1e-12, atol=1e-12)) for k in keys} == dict.fromkeys(keys, True)
 
 
 @pytest.mark.slow

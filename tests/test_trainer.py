@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
@@ -142,3 +141,14 @@ def test_untied_llama_head_is_a_target_and_tied_gpt2_head_counted_once():
     heads = [t for t in gpt2.values() if t.is_lm_head]
     assert len(heads) == 1 and heads[0].tied and heads[0].name == "transformer.wte.weight"
     assert not any(t.is_lm_head for t in find_targets(tiny_gpt2(), MSTConfig(sparsify_lm_head=False)).values())
+
+
+def test_log_lines_describe_the_step_just_taken(tmp_path):
+    """Phase, HSA flag and attention density on one log line all belong to the same (last) optimizer step."""
+    cfg = _cfg(hsa_pattern="local", hsa_window=4)
+    trainer, _ = _train(tiny_gpt2(), tmp_path, cfg=cfg, max_steps=20, logging_steps=1)
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(lines) == 20
+    for h in lines:
+        in_ultra = h["mst/phase"] == 1.0
+        assert h["mst/hsa"] == float(in_ultra) and (h["mst/attention_density"] < 1.0) == in_ultra, h
