@@ -1,38 +1,43 @@
 """Mixed Sparsity Training (MST) for HuggingFace Transformers."""
 
-from . import schedule
+from . import attention, schedule  # importing attention registers the "mst_hsa" implementation
+from .attention import configure_hsa, get_hsa_state, set_hsa_active
 from .checkpoint import last_complete_checkpoint, load_masks, save_masks
 from .config import MST_CONFIG_NAME, PRESETS, MSTConfig
 from .controller import MSTController
+from .flops import FlopMeter, model_flop_shapes
 from .hub import load_sparse, push_sparse_to_hub, save_sparse
 from .masks import MaskState
 from .peft_utils import merge_lora_sparse, pruned_nonzeros
+from .plan import plan_run
 from .targets import find_targets, layer_sparsities
 from .trainer import MSTTrainer
-
-try:  # registers the "mst_hsa" attention implementation
-    from . import attention as _attention  # noqa: F401
-except ImportError:  # pragma: no cover - attention module not available
-    _attention = None
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MST_CONFIG_NAME",
+    "FlopMeter",
     "MSTConfig",
     "MSTController",
     "MSTTrainer",
+    "MST_CONFIG_NAME",
     "MaskState",
     "PRESETS",
+    "attention",
+    "configure_hsa",
     "find_targets",
+    "get_hsa_state",
     "last_complete_checkpoint",
     "layer_sparsities",
     "load_masks",
     "load_sparse",
     "merge_lora_sparse",
+    "model_flop_shapes",
+    "plan_run",
     "pruned_nonzeros",
     "push_sparse_to_hub",
     "save_masks",
     "save_sparse",
     "schedule",
+    "set_hsa_active",
 ]
