@@ -327,8 +327,8 @@ class FlopMeter:
             return {}
         if isinstance(masks, Mapping):  # densities by parameter name
             return active_weights(self.flop_model, masks)
-        if self._active is None:  # a MaskState
-            self._active = {name: int(mask.count_nonzero()) for name, mask in masks.masks.items()}
+        if self._active is None:  # a MaskState: its counts are cached until a mask changes
+            self._active = {name: masks.active(name) for name in masks.masks}
         return self._active
 
     def end_step(self, masks=None, hsa_on: bool = False, update_step: bool = False) -> int | float:

@@ -11,7 +11,6 @@ from pathlib import Path  # noqa: E402
 
 import huggingface_hub  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from huggingface_hub import ModelCard, RepoUrl  # noqa: E402
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
@@ -61,13 +60,6 @@ class FakeHub:
         for name in ("create_commit", "upload_file", "preupload_lfs_files", "model_info"):
             monkeypatch.setattr(huggingface_hub.HfApi, name, no_network)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # no OpenMP spin contention on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def mst_config():

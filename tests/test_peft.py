@@ -21,13 +21,6 @@ from .helpers import tiny_gpt2, tiny_llama, toy_dataset  # noqa: E402
 ADAPTED = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # no OpenMP spin contention on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def sparse_checkpoint(tmp_path):
