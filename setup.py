@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRITON = "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"
+
 setup(
     name="mst_hf",
     version="0.1.0",
@@ -24,8 +26,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient", "nbformat", "ipykernel", "tensorboard"],
-        "dev": ["ruff", "pytest>=8", "nbclient", "nbformat", "ipykernel", "tensorboard"],
+        # triton: the CPU tests run the Triton HSA kernel in Triton's interpreter (CUDA builds of torch ship it)
+        "test": ["pytest>=8", "nbclient", "nbformat", "ipykernel", "tensorboard", TRITON],
+        "dev": ["ruff", "pytest>=8", "nbclient", "nbformat", "ipykernel", "tensorboard", TRITON],
     },
     entry_points={"console_scripts": ["mst-plan=mst_hf.plan:main"]},
 )

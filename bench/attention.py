@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/attention.py --out docs/attention_benchmark_table.md
 
 For each sequence length T the batch is ``tokens // T`` (about 32k tokens per step), H=12 heads of D=64 (GPT-2
-small), bf16. Each cell is the median of `triton.testing.do_bench` over ``torch.autograd.grad(out, (q, k, v), g)``
+small), bf16. Each cell is the median of `triton.testing.do_bench` over ``torch.autograd.grad(out, (q, k, v), g)``,
+the best of `--rounds` interleaved rounds over all cells of a length (the baseline too),
 after warm-up calls (compilation and mask building excluded). Columns:
 
 - speed-up: SDPA causal time / this time, measured in the same run (> 1 is faster than dense causal);
@@ -25,6 +26,12 @@ import sys
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+
+
+def _triton_version():
+    import triton
+
+    return triton.__version__
 
 
 def bench_ms(fn, warmup_calls=3):
@@ -66,8 +73,10 @@ def bench_length(T, args, emit):
     def fwd_bwd(attend):
         return lambda: torch.autograd.grad(attend(), (q, k, v), g)
 
-    causal_ms = bench_ms(fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
-    emit(f"| {T} | {B} | (baseline) | sdpa is_causal | {causal_ms:.3f} | {causal_ms:.3f} | 1.00 | 1.000 | 1.000 | |")
+    # every cell is timed in `args.rounds` interleaved rounds and keeps its best: no kernel (the baseline included)
+    # is judged only on a round where the GPU clocks or the host happened to be slow
+    baseline = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    cells = []  # (row cells, fn, density, flex block fraction, err)
     prefix = min(T, 2048)
     for pattern in args.patterns:
         spec = PatternSpec(pattern, args.window, args.stride, args.block)
@@ -85,7 +94,7 @@ def bench_length(T, args, emit):
         for kernel in kernels:
             run = auto_kernel(q, k, v, spec) if kernel == "auto" else kernel
             name = f"auto -> {run}" if kernel == "auto" else kernel
-            cells = f"| {T} | {B} | {pattern} | {name} |"
+            row = f"| {T} | {B} | {pattern} | {name} |"
             try:
                 out = run_kernel(run, q, k, v, spec)
                 if T <= 4096:
@@ -94,16 +103,26 @@ def bench_length(T, args, emit):
                 else:
                     err = relative_error(out[:, :, :prefix], ref)
                 del out
-                if kernel == "auto":
-                    ms = bench_ms(fwd_bwd(lambda spec=spec: hsa_attention(q, k, v, spec)))
-                else:
-                    ms = bench_ms(fwd_bwd(lambda run=run, spec=spec: run_kernel(run, q, k, v, spec)))
             except torch.OutOfMemoryError:
-                emit(f"{cells} OOM | {causal_ms:.3f} | | {density:.4f} | | |")
+                emit(f"{row} OOM | | | {density:.4f} | | |")
                 torch.cuda.empty_cache()
                 continue
+            if kernel == "auto":  # through the dispatcher, as a model layer calls it
+                fn = fwd_bwd(lambda spec=spec: hsa_attention(q, k, v, spec))
+            else:
+                fn = fwd_bwd(lambda run=run, spec=spec: run_kernel(run, q, k, v, spec))
             blk = f"{blocks / causal_blocks:.3f}" if run == "flex" else ""
-            emit(f"{cells} {ms:.3f} | {causal_ms:.3f} | {causal_ms / ms:.2f} | {density:.4f} | {blk} | {err:.1e} |")
+            cells.append((row, fn, density, blk, err))
+    best = {}
+    for _ in range(args.rounds):
+        best["baseline"] = min(best.get("baseline", float("inf")), bench_ms(baseline))
+        for i, (_, fn, *_rest) in enumerate(cells):
+            best[i] = min(best.get(i, float("inf")), bench_ms(fn))
+    causal_ms = best["baseline"]
+    emit(f"| {T} | {B} | (baseline) | sdpa is_causal | {causal_ms:.3f} | {causal_ms:.3f} | 1.00 | 1.000 | 1.000 | |")
+    for i, (row, _, density, blk, err) in enumerate(cells):
+        ms = best[i]
+        emit(f"{row} {ms:.3f} | {causal_ms:.3f} | {causal_ms / ms:.2f} | {density:.4f} | {blk} | {err:.1e} |")
 
 
 def main(argv=None):
@@ -117,6 +136,7 @@ def main(argv=None):
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--patterns", nargs="+", default=["local", "strided", "local_strided", "fixed", "dense"])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; each cell keeps its best")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
@@ -127,9 +147,9 @@ def main(argv=None):
 
     header = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; "
-        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {_triton_version()}; "
         f"H={args.heads}, D={args.head_dim}, bf16, window={args.window}, stride={args.stride}, block={args.block}; "
-        "fwd+bwd, median ms",
+        f"fwd+bwd, median ms (best of {args.rounds} interleaved rounds)",
         "",
         "| T | B | pattern | kernel | ms | SDPA causal ms | speed-up | density | flex blocks | err |",
         "|---|---|---|---|---|---|---|---|---|---|",

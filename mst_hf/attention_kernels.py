@@ -14,6 +14,9 @@ attention) and return ``(B, H, T, D)``. Kernels (the names `run_kernel`, `auto_c
                    local as is; strided in the residue-class layout (copied so several classes share a block);
                    fixed with the summary keys prepended; local_strided as a local and a strided attention over
                    disjoint key sets, merged through their log-sum-exps.
+- ``triton``:      block-sparse flash attention in Triton (`mst_hf.attention_triton`): local, strided (residue-class
+                   order), local_strided (both, the second continuing the first's softmax) and fixed (block plus
+                   gathered summary keys), forward and backward, with few kernel launches.
 
 The flex layouts call an "attend" engine that returns ``(out, lse)``: ``"flex"`` (compiled on CUDA) or ``"math"``
 (differentiable float math; lets CPU tests check the layouts and the merge, gradients included).
@@ -45,6 +48,7 @@ from .attention_layouts import (  # noqa: F401 (names re-exported for tests, the
     reference_attention,
     strided_attention,
 )
+from .attention_triton import TRITON_PATTERNS, triton_attention, triton_available
 from .patterns import check_pattern_name
 
 
@@ -149,6 +153,8 @@ def auto_candidates(spec: PatternSpec, seq_len: int, head_dim: int, device, drop
     # flex: no dropout, head_dim >= 16, lengths in whole 128-blocks (each new length is a new compiled kernel)
     if dropout == 0.0 and flex_available() and head_dim >= 16 and seq_len % FLEX_BLOCK == 0:
         candidates.append("flex")
+    if _triton_fits(spec, head_dim, dropout) and triton_available(device):
+        candidates.append("triton")
     if spec.pattern in ("local", "fixed") and not spec.head_split:
         candidates.append("chunk_sdpa")
     if spec.pattern == "strided" and not spec.head_split:
@@ -156,6 +162,10 @@ def auto_candidates(spec: PatternSpec, seq_len: int, head_dim: int, device, drop
     if seq_len <= 4096 or not candidates:  # O(T^2) memory; never the fastest at long lengths
         candidates.append("sdpa_bool")
     return candidates
+
+
+def _triton_fits(spec: PatternSpec, head_dim: int, dropout: float) -> bool:
+    return dropout == 0.0 and spec.pattern in TRITON_PATTERNS and not spec.head_split and head_dim <= 256
 
 
 def _measure(candidates, q, k, v, spec, scaling, dropout, rounds=3, reps=2) -> dict:
@@ -192,19 +202,24 @@ def auto_kernel(query, key, value, spec: PatternSpec, scaling=None, dropout=0.0)
     """The kernel `auto` runs: the only candidate, or on CUDA the fastest candidate measured once per pattern,
     shape, dtype and memory layout on random inputs of the same shape (forward + backward when grad is on; RNG
     state untouched). Like ``cudnn.benchmark``: every candidate computes the same function."""
+    if torch.compiler.is_compiling():
+        return auto_candidates(spec, query.shape[2], query.shape[3], query.device, dropout)[0]
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    cache_key = (spec, query.shape, query.stride(), key.shape[1], query.dtype, query.device, dropout > 0.0, grad)
+    choice = _AUTO_CHOICE.get(cache_key)  # the common case first: this call runs once per layer and step
+    if choice is not None:
+        return choice
     candidates = auto_candidates(spec, query.shape[2], query.shape[3], query.device, dropout)
-    if len(candidates) == 1 or torch.compiler.is_compiling():
-        return candidates[0]
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    cache_key = (spec, tuple(query.shape), tuple(query.stride()), key.shape[1], query.dtype, str(query.device),
-                 dropout > 0.0, grad)
-    if cache_key not in _AUTO_CHOICE:
+    if len(candidates) == 1:
+        choice = candidates[0]
+    else:
         devices = [query.device] if query.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad() if grad else torch.no_grad():
             q, k, v = (torch.randn_like(x).requires_grad_(grad) for x in (query, key, value))
             times = _measure(candidates, q, k, v, spec, scaling, dropout)
-        _AUTO_CHOICE[cache_key] = min(times, key=times.get) if times else "sdpa_bool"
-    return _AUTO_CHOICE[cache_key]
+        choice = min(times, key=times.get) if times else "sdpa_bool"
+    _AUTO_CHOICE[cache_key] = choice
+    return choice
 
 
 def choose_kernel(spec: PatternSpec, seq_len: int, head_dim: int, device, backend="auto", dropout=0.0) -> str:
@@ -220,6 +235,18 @@ def choose_kernel(spec: PatternSpec, seq_len: int, head_dim: int, device, backen
         return "sdpa_bool"
     if backend == "flex":
         return "flex"
+    if backend == "triton":
+        if not _triton_fits(spec, head_dim, dropout):
+            raise NotImplementedError(
+                f"backend='triton' computes the patterns {', '.join(TRITON_PATTERNS)} without head_split, dropout "
+                f"or head_dim > 256 (got {spec}, head_dim={head_dim}); use backend='auto' or 'flex'."
+            )
+        if not triton_available(device):
+            raise NotImplementedError(
+                f"backend='triton' needs a CUDA device and the `triton` package (device {device}); "
+                "use backend='auto' or 'sdpa'."
+            )
+        return "triton"
     return auto_candidates(spec, seq_len, head_dim, device, dropout)[0]
 
 
@@ -245,6 +272,8 @@ def run_kernel(kernel, query, key, value, spec: PatternSpec, scaling=None, dropo
         return local_chunk_sdpa(query, key, value, spec.window, scaling, dropout)
     if kernel == "chunk_sdpa" and spec.pattern == "fixed":
         return fixed_chunk_sdpa(query, key, value, spec.block, scaling, dropout)
+    if kernel == "triton" and _triton_fits(spec, D, dropout):
+        return triton_attention(query, _expand_kv(key, H), _expand_kv(value, H), spec, scaling)
     if kernel == "flex":
         if dropout > 0.0:
             raise NotImplementedError(f"FlexAttention has no dropout (got dropout={dropout}); use backend='sdpa'.")

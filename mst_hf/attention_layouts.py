@@ -22,8 +22,8 @@ except ImportError:  # torch without FlexAttention: every backend but "flex" sti
     BlockMask = flex_attention = None
 
 
-KERNELS = ("sdpa_causal", "sdpa_bool", "eager", "perm_sdpa", "chunk_sdpa", "flex")
-BACKENDS = ("auto", "flex", "sdpa", "eager")
+KERNELS = ("sdpa_causal", "sdpa_bool", "eager", "perm_sdpa", "chunk_sdpa", "flex", "triton")
+BACKENDS = ("auto", "flex", "triton", "sdpa", "eager")
 FLEX_BLOCK = 128  # FlexAttention's default BLOCK_SIZE; the layouts align to it
 _CACHE_SIZE = 32
 

@@ -1,0 +1,130 @@
+"""The Triton HSA kernel (mst_hf.attention_triton) against the masked float32 reference.
+
+Without CUDA these run the real kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything
+imports triton); they are skipped where triton is not installed. The interpreter has no bfloat16 matmul, so CPU
+tests use float32 and float16; the bfloat16 check runs on the GPU (tests/test_attention.py, marked gpu)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import mst_hf.attention as hsa  # noqa: E402
+import mst_hf.attention_triton as at  # noqa: E402
+from mst_hf.attention_kernels import PatternSpec, auto_candidates, choose_kernel, reference_attention  # noqa: E402
+
+from .test_attention import ORACLE_MASKS, SEQ, VOCAB, assert_same_math, build, hand_mask, twin  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not at.triton_available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def layout(B, H, T, D, dtype=torch.float32):
+    """(B, H, T, D) views of (B, T, H, D) memory, the layout transformers passes."""
+    return torch.randn(B, T, H, D, dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_(True)
+
+
+def loop_mask(spec, T):
+    """The SPEC definitions, written as loops (independent of the kernel's tile arithmetic)."""
+    mask = torch.zeros(1, 1, T, T, dtype=torch.bool)
+    for q in range(T):
+        for k in range(q + 1):
+            d = q - k
+            mask[0, 0, q, k] = {
+                "local": d < spec.window,
+                "strided": d % spec.stride == 0,
+                "local_strided": d < spec.window or d % spec.stride == 0,
+                "fixed": q // spec.block == k // spec.block or k % spec.block == spec.block - 1,
+            }[spec.pattern]
+    return mask.to(DEVICE)
+
+
+def check_against_reference(spec, T, heads=2, kv_heads=1, head_dim=16, dtype=torch.float32, tol=1e-5):
+    torch.manual_seed(0)
+    q = layout(1, heads, T, head_dim, dtype)
+    k, v = layout(1, kv_heads, T, head_dim, dtype), layout(1, kv_heads, T, head_dim, dtype)
+    rep = heads // kv_heads
+    out = at.triton_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), spec)
+    expected = reference_attention(q, k, v, loop_mask(spec, T))
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    want = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol * 10, rtol=tol * 10, msg=f"d{name}")
+
+
+SPECS = [
+    PatternSpec("local", window=24),
+    PatternSpec("strided", stride=7),  # 7 does not divide T: class-major tiles end inside a class
+    PatternSpec("strided", stride=12),  # L = 8 classes per position: tiles are self-contained (one-pass backward)
+    PatternSpec("local_strided", window=10, stride=6),
+    PatternSpec("local_strided", window=5, stride=12),  # window < stride
+    PatternSpec("fixed", block=12),
+    PatternSpec("fixed", block=40),  # several query tiles per block, summaries over several key tiles
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.pattern}-w{s.window}-s{s.stride}-c{s.block}")
+def test_small_tiles_match_reference_with_grads(spec, monkeypatch):
+    # 16-wide tiles on T = 96 make every loop run over several tiles and cross block / class boundaries
+    monkeypatch.setitem(at.LAUNCH, "bm", 16)
+    monkeypatch.setitem(at.LAUNCH, "bn", 16)
+    monkeypatch.setitem(at.LAUNCH, "cls_tile", 16)
+    check_against_reference(spec, 96)
+
+
+@pytest.mark.parametrize("pattern", at.TRITON_PATTERNS)
+def test_default_tiles_odd_length_and_head_dim(pattern):
+    # T = 75: not a multiple of the tiles; head_dim 24 is padded to 32 inside the kernel
+    check_against_reference(PatternSpec(pattern, window=9, stride=5, block=10), 75, head_dim=24)
+
+
+def test_half_precision_inputs():
+    check_against_reference(PatternSpec("local_strided", window=8, stride=8), 64, dtype=torch.float16, tol=2e-3)
+
+
+def test_plan_uses_the_one_pass_backward_only_for_self_contained_tiles():
+    launch = tuple(sorted(dict(at.LAUNCH, cls_tile=64).items()))
+    assert [p.self_contained for p in at.plan_parts(PatternSpec("strided", stride=128), 1024, launch)] == [True]
+    assert [p.self_contained for p in at.plan_parts(PatternSpec("strided", stride=8), 1024, launch)] == [False]
+    assert [p.self_contained for p in at.plan_parts(PatternSpec("local_strided"), 1024, launch)] == [False, True]
+    assert [p.n_sum for p in at.plan_parts(PatternSpec("fixed", block=128), 1000, launch)] == [7]
+
+
+def test_fused_qkv_slices_are_copied_not_misread():
+    B, T, H, D = 1, 40, 2, 16
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)
+    q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2))  # strided, not dense
+    spec = PatternSpec("fixed", block=8)
+    out = at.triton_attention(q, k, v, spec)
+    expected = reference_attention(q, k, v, loop_mask(spec, T))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    got, want = (torch.autograd.grad(x.sum(), qkv)[0] for x in (out, expected))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_triton_backend_matches_oracle_in_a_model(monkeypatch):
+    monkeypatch.setenv(hsa.HSA_BACKEND_ENV, "triton")
+    model = build("llama", "mst_hsa")
+    hsa.configure_hsa(model, pattern="local_strided", window=4, stride=3, active=True)
+    ORACLE_MASKS.update({0: hand_mask("local_strided", SEQ), 1: hand_mask("local_strided", SEQ)})
+    assert_same_math(model, twin(model, "mst_test_oracle"), torch.randint(3, VOCAB, (2, SEQ)))
+
+
+def test_unsupported_requests_are_refused_clearly():
+    with pytest.raises(NotImplementedError, match="head_split"):
+        choose_kernel(PatternSpec("local_strided", head_split=True), 64, 16, DEVICE, backend="triton")
+    with pytest.raises(NotImplementedError, match="head_dim"):
+        choose_kernel(PatternSpec("local"), 64, 512, DEVICE, backend="triton")
+    assert choose_kernel(PatternSpec("local"), 64, 16, DEVICE, backend="triton", dropout=0.1) == "sdpa_bool"
+    with pytest.raises(NotImplementedError, match="dense"):
+        at.plan_parts(PatternSpec("dense"), 64)
+    import mst_hf.attention_kernels as kernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "triton_available", lambda device: False)
+        with pytest.raises(NotImplementedError, match="CUDA device"):
+            choose_kernel(PatternSpec("local"), 64, 16, DEVICE, backend="triton")
+    if DEVICE == "cpu":  # the interpreter is a test tool: `auto` never picks it on CPU
+        assert "triton" not in auto_candidates(PatternSpec("local"), 256, 64, "cpu")
