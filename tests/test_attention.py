@@ -409,11 +409,25 @@ def test_auto_measures_candidates_once_keeps_rng_and_drops_failing_ones(monkeypa
     q = model_layout(1, 2, 32, 16)
     spec = PatternSpec("local", window=4)
     rng = torch.get_rng_state()
-    choice = kernels.auto_kernel(q, q, q, spec)
+    with pytest.warns(UserWarning, match="dropped kernel 'perm_sdpa'.*out of memory"):
+        choice = kernels.auto_kernel(q, q, q, spec)
     assert choice in ("chunk_sdpa", "sdpa_bool")
     assert torch.equal(torch.get_rng_state(), rng)
     measured = len(calls)
     assert kernels.auto_kernel(q, q, q, spec) == choice and len(calls) == measured  # cached: no new runs
+
+
+def test_auto_inside_torch_compile_skips_triton_and_measures_nothing(monkeypatch):
+    import mst_hf.attention_kernels as kernels
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels, "_measure", lambda *a, **k: pytest.fail("measured while tracing"))
+    q = model_layout(1, 2, 32, 16)
+    spec = PatternSpec("local", window=4)
+    monkeypatch.setattr(kernels, "auto_candidates", lambda *a, **k: ["triton", "chunk_sdpa", "sdpa_bool"])
+    assert kernels.auto_kernel(q, q, q, spec) == "chunk_sdpa"
+    monkeypatch.setattr(kernels, "auto_candidates", lambda *a, **k: ["triton"])
+    assert kernels.auto_kernel(q, q, q, spec) == "sdpa_bool"
 
 
 def test_block_masks_are_cached_not_rebuilt():
