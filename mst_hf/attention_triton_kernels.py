@@ -82,6 +82,37 @@ if triton is not None:
         ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
         return p, ds
 
+    @triton.jit
+    def _rows(idx, MAP: tl.constexpr, L, S, N, T, base, st, offs_d):
+        """Tokens of indices `idx`, which are real (index < N, token < T), and their row offsets."""
+        tok = _token(idx, MAP, L, S)
+        ok = (idx < N) & (tok < T)
+        return tok, ok, base + tok[:, None] * st + offs_d[None, :]
+
+    @triton.jit
+    def _summary_rows(offs_j, C, NS, base, st, offs_d):
+        """Summary keys ``j`` (token ``j * C + C - 1``), which are real (j < NS), and their row offsets."""
+        tok = offs_j * C + C - 1
+        return tok, offs_j < NS, base + tok[:, None] * st + offs_d[None, :]
+
+    @triton.jit
+    def _program(H, sb, sh, BD: tl.constexpr, D: tl.constexpr):
+        """(batch, head) offset of this program, its stats offset, the head-dim offsets and which are real."""
+        bh = tl.program_id(1)
+        offs_d = tl.arange(0, BD)
+        return (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh, bh.to(tl.int64), offs_d, offs_d[None, :] < D
+
+    @triton.jit
+    def _delta(OUT, DELTA, row, rmask, do, stat, q_ok, ACCUM: tl.constexpr):
+        """rowsum(dO * O): computed and stored by the first part (ACCUM false), read by the later ones."""
+        if ACCUM:
+            delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
+        else:
+            o = tl.load(OUT + row, mask=rmask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            tl.store(DELTA + stat, delta, mask=q_ok)
+        return delta
+
     @triton.jit(do_not_specialize=_SCALARS)
     def _fwd_kernel(
         Q, K, V, OUT, LSE, sb, sh, st, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
@@ -89,16 +120,11 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
     ):
         m0 = tl.program_id(0) * BM
-        bh = tl.program_id(1)
-        base = (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
+        base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
         offs_m = m0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d[None, :] < D
-        qt = _token(offs_m, MAP, L, S)
-        q_ok = (offs_m < N) & (qt < T)
-        row = base + qt[:, None] * st + offs_d[None, :]
+        qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
         q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
-        lse_ptr = LSE + bh.to(tl.int64) * T + qt
+        lse_ptr = LSE + bh * T + qt
         if CONTINUE:  # resume the previous part: max = its lse, sum = 1, accumulator = its output
             m_i = tl.load(lse_ptr, mask=q_ok, other=float("-inf"))
             l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
@@ -110,9 +136,7 @@ if triton is not None:
         lo, hi = _key_range(m0, BM, BN, MASK, N, W, G)
         for n0 in range(lo, hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            kt = _token(offs_n, MAP, L, S)
-            k_ok = (offs_n < N) & (kt < T)
-            col = base + kt[:, None] * st + offs_d[None, :]
+            kt, k_ok, col = _rows(offs_n, MAP, L, S, N, T, base, st, offs_d)
             k = tl.load(K + col, mask=k_ok[:, None] & d_ok, other=0.0)
             v = tl.load(V + col, mask=k_ok[:, None] & d_ok, other=0.0)
             ok = _allowed(offs_m, offs_n, qt, kt, MASK, W, L, C, EXCL) & k_ok[None, :]
@@ -120,10 +144,10 @@ if triton is not None:
         if HAS_SUM:  # fixed: summary keys of the earlier blocks, j < block(q)
             for j0 in range(0, tl.minimum((m0 + BM - 1) // C, NS), BS):
                 offs_j = j0 + tl.arange(0, BS)
-                col = base + (offs_j * C + C - 1)[:, None] * st + offs_d[None, :]
-                k = tl.load(K + col, mask=(offs_j < NS)[:, None] & d_ok, other=0.0)
-                v = tl.load(V + col, mask=(offs_j < NS)[:, None] & d_ok, other=0.0)
-                ok = (offs_j[None, :] < (qt // C)[:, None]) & (offs_j < NS)[None, :]
+                _, j_ok, col = _summary_rows(offs_j, C, NS, base, st, offs_d)
+                k = tl.load(K + col, mask=j_ok[:, None] & d_ok, other=0.0)
+                v = tl.load(V + col, mask=j_ok[:, None] & d_ok, other=0.0)
+                ok = (offs_j[None, :] < (qt // C)[:, None]) & j_ok[None, :]
                 m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
@@ -138,30 +162,18 @@ if triton is not None:
     ):
         """dQ of one query tile; the first part (ACCUM false) also writes DELTA = rowsum(dO * O) for its rows."""
         m0 = tl.program_id(0) * BM
-        bh = tl.program_id(1)
-        base = (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
+        base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
         offs_m = m0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d[None, :] < D
-        qt = _token(offs_m, MAP, L, S)
-        q_ok = (offs_m < N) & (qt < T)
-        row = base + qt[:, None] * st + offs_d[None, :]
+        qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
         q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
         do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + qt, mask=q_ok, other=0.0)
-        if ACCUM:
-            delta = tl.load(DELTA + bh.to(tl.int64) * T + qt, mask=q_ok, other=0.0)
-        else:
-            o = tl.load(OUT + row, mask=q_ok[:, None] & d_ok, other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            tl.store(DELTA + bh.to(tl.int64) * T + qt, delta, mask=q_ok)
+        lse = tl.load(LSE + bh * T + qt, mask=q_ok, other=0.0)
+        delta = _delta(OUT, DELTA, row, q_ok[:, None] & d_ok, do, bh * T + qt, q_ok, ACCUM)
         dq = tl.zeros([BM, BD], tl.float32)
         lo, hi = _key_range(m0, BM, BN, MASK, N, W, G)
         for n0 in range(lo, hi, BN):
             offs_n = n0 + tl.arange(0, BN)
-            kt = _token(offs_n, MAP, L, S)
-            k_ok = (offs_n < N) & (kt < T)
-            col = base + kt[:, None] * st + offs_d[None, :]
+            kt, k_ok, col = _rows(offs_n, MAP, L, S, N, T, base, st, offs_d)
             k = tl.load(K + col, mask=k_ok[:, None] & d_ok, other=0.0)
             v = tl.load(V + col, mask=k_ok[:, None] & d_ok, other=0.0)
             ok = _allowed(offs_m, offs_n, qt, kt, MASK, W, L, C, EXCL) & q_ok[:, None] & k_ok[None, :]
@@ -170,10 +182,10 @@ if triton is not None:
         if HAS_SUM:
             for j0 in range(0, tl.minimum((m0 + BM - 1) // C, NS), BS):
                 offs_j = j0 + tl.arange(0, BS)
-                col = base + (offs_j * C + C - 1)[:, None] * st + offs_d[None, :]
-                k = tl.load(K + col, mask=(offs_j < NS)[:, None] & d_ok, other=0.0)
-                v = tl.load(V + col, mask=(offs_j < NS)[:, None] & d_ok, other=0.0)
-                ok = (offs_j[None, :] < (qt // C)[:, None]) & (offs_j < NS)[None, :] & q_ok[:, None]
+                _, j_ok, col = _summary_rows(offs_j, C, NS, base, st, offs_d)
+                k = tl.load(K + col, mask=j_ok[:, None] & d_ok, other=0.0)
+                v = tl.load(V + col, mask=j_ok[:, None] & d_ok, other=0.0)
+                ok = (offs_j[None, :] < (qt // C)[:, None]) & j_ok[None, :] & q_ok[:, None]
                 p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
                 dq += _mm(ds.to(k.dtype), k, IEEE)
         dq = dq * sm_scale
@@ -199,16 +211,27 @@ if triton is not None:
         """dK, dV of one key tile. With summary keys (fixed), the programs after the key tiles each take a tile of
         summary keys against every later query, and the key-tile programs leave the summary rows to them."""
         pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        base = (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
+        base, bh, _, _ = _program(H, sb, sh, BD, D)
         n_tiles = tl.cdiv(N, BN)
-        stat = bh.to(tl.int64) * T  # offset of this (batch, head) in LSE and DELTA
+        stat = bh * T  # offset of this (batch, head) in LSE and DELTA
         if pid < n_tiles:
             _dkdv_tile(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, pid * BN, T, N, NS,
                        qk_scale, sm_scale, W, S, C, L, G, EXCL, MASK, MAP, HAS_SUM, ACCUM, IEEE, BM, BN, BD, D)
         else:
             _dkdv_summary(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, (pid - n_tiles) * BS, T, NS,
                           qk_scale, sm_scale, C, ACCUM, IEEE, BM, BS, BD, D)
+
+    @triton.jit
+    def _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE: tl.constexpr):
+        """Add one query tile's contribution to the dK, dV accumulators of a key tile."""
+        q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
+        lse = tl.load(LSE + qt, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + qt, mask=q_ok, other=0.0)
+        p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE)
+        return dk, dv
 
     @triton.jit
     def _dkdv_tile(
@@ -219,9 +242,7 @@ if triton is not None:
         offs_d = tl.arange(0, BD)
         d_ok = offs_d[None, :] < D
         offs_n = n0 + tl.arange(0, BN)
-        kt = _token(offs_n, MAP, L, S)
-        k_ok = (offs_n < N) & (kt < T)
-        col = base + kt[:, None] * st + offs_d[None, :]
+        kt, k_ok, col = _rows(offs_n, MAP, L, S, N, T, base, st, offs_d)
         k = tl.load(K + col, mask=k_ok[:, None] & d_ok, other=0.0)
         v = tl.load(V + col, mask=k_ok[:, None] & d_ok, other=0.0)
         dk = tl.zeros([BN, BD], tl.float32)
@@ -229,17 +250,9 @@ if triton is not None:
         lo, hi = _query_range(n0, BM, BN, MASK, N, W, G)
         for m0 in range(lo, hi, BM):
             offs_m = m0 + tl.arange(0, BM)
-            qt = _token(offs_m, MAP, L, S)
-            q_ok = (offs_m < N) & (qt < T)
-            row = base + qt[:, None] * st + offs_d[None, :]
-            q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE + qt, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + qt, mask=q_ok, other=0.0)
+            qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
             ok = _allowed(offs_m, offs_n, qt, kt, MASK, W, L, C, EXCL) & q_ok[:, None] & k_ok[None, :]
-            p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE)
+            dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE)
         store_ok = k_ok
         if HAS_SUM:  # summary rows belong to _dkdv_summary
             store_ok = store_ok & ((kt % C) != C - 1)
@@ -253,28 +266,16 @@ if triton is not None:
     ):
         offs_d = tl.arange(0, BD)
         d_ok = offs_d[None, :] < D
-        offs_j = j0 + tl.arange(0, BS)
-        kt = offs_j * C + C - 1
-        k_ok = offs_j < NS
-        col = base + kt[:, None] * st + offs_d[None, :]
+        kt, k_ok, col = _summary_rows(j0 + tl.arange(0, BS), C, NS, base, st, offs_d)
         k = tl.load(K + col, mask=k_ok[:, None] & d_ok, other=0.0)
         v = tl.load(V + col, mask=k_ok[:, None] & d_ok, other=0.0)
         dk = tl.zeros([BS, BD], tl.float32)
         dv = tl.zeros([BS, BD], tl.float32)
         for m0 in range(((j0 * C + C - 1) // BM) * BM, T, BM):  # every query at or after the first summary
-            qt = m0 + tl.arange(0, BM)
-            q_ok = qt < T
-            row = base + qt[:, None] * st + offs_d[None, :]
-            q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE + qt, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + qt, mask=q_ok, other=0.0)
+            qt, q_ok, row = _rows(m0 + tl.arange(0, BM), 0, 1, 1, T, T, base, st, offs_d)  # natural order
             ok = (qt[:, None] >= kt[None, :]) & q_ok[:, None] & k_ok[None, :]
-            p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE)
+            dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE)
         _store_dkdv(DK, DV, col, dk, dv, k_ok[:, None] & d_ok, sm_scale, ACCUM)
-
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _bwd_self_kernel(
@@ -284,27 +285,16 @@ if triton is not None:
     ):
         """dQ, dK and dV of a part whose tiles are self-contained (queries of a tile attend only to keys of the same
         tile: causal groups that divide the tile), in one pass: one load of each tile, no second kernel."""
-        m0 = tl.program_id(0) * BM
-        bh = tl.program_id(1)
-        base = (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
-        offs_m = m0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, BD)
-        d_ok = offs_d[None, :] < D
-        qt = _token(offs_m, MAP, L, S)
-        q_ok = (offs_m < N) & (qt < T)
-        row = base + qt[:, None] * st + offs_d[None, :]
+        base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
         rmask = q_ok[:, None] & d_ok
         q = tl.load(Q + row, mask=rmask, other=0.0)
         k = tl.load(K + row, mask=rmask, other=0.0)
         v = tl.load(V + row, mask=rmask, other=0.0)
         do = tl.load(DO + row, mask=rmask, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + qt, mask=q_ok, other=0.0)
-        if ACCUM:
-            delta = tl.load(DELTA + bh.to(tl.int64) * T + qt, mask=q_ok, other=0.0)
-        else:
-            o = tl.load(OUT + row, mask=rmask, other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            tl.store(DELTA + bh.to(tl.int64) * T + qt, delta, mask=q_ok)
+        lse = tl.load(LSE + bh * T + qt, mask=q_ok, other=0.0)
+        delta = _delta(OUT, DELTA, row, rmask, do, bh * T + qt, q_ok, ACCUM)
         ok = _allowed(offs_m, offs_m, qt, qt, MASK, W, L, C, EXCL) & q_ok[:, None] & q_ok[None, :]
         p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
         dq = _mm(ds.to(k.dtype), k, IEEE) * sm_scale
