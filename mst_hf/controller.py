@@ -1,16 +1,20 @@
-"""`MSTController`: drives masks, schedule and attention through a training run, with or without `MSTTrainer`.
+"""`MSTController`: drives masks, schedule, attention and FLOP counting through a training run, with or without
+`MSTTrainer`.
 
-A custom training loop uses it like this::
+A custom training loop uses it like this (``MSTTrainer`` makes exactly these calls, from its ``training_step`` and
+a callback, so both count the same FLOPs and get the same masks)::
 
     ctl = MSTController(model, mst_config)
     for step in range(total_steps):
-        ctl.before_forward(step, total_steps)           # hybrid sparse attention on/off for this step
-        loss = model(**batch).loss; loss.backward()
-        ctl.after_backward(step, total_steps, optimizer)  # topology update when due, then mask the gradients
-        optimizer.step(); optimizer.zero_grad()
+        for batch in micro_batches:                      # one or more (gradient accumulation)
+            ctl.before_forward(step, total_steps, batch)  # attention pattern on/off; counts the batch's tokens
+            model(**batch).loss.backward()
+        ctl.after_backward(step, total_steps, optimizer)  # closes the step's FLOP count, topology update when due,
+        optimizer.step(); optimizer.zero_grad()          # then masks the gradients
         ctl.after_optimizer_step()                       # pruned weights back to exactly 0
 
-``MSTTrainer`` makes exactly these calls from its ``training_step`` and a callback.
+``batch`` is a mapping with ``input_ids`` (or ``inputs_embeds``); under ``torch.distributed`` each rank passes its
+own micro-batch and the count is multiplied by the world size (every rank is assumed to see the same shape).
 """
 
 import torch
@@ -23,6 +27,10 @@ from .masks import MaskState
 from .targets import TargetWeight, require_targets, unwrap_model
 
 _SEED_MOD = 2**62
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class MSTController:
@@ -106,8 +114,10 @@ class MSTController:
         return out
 
     # ------------------------------------------------------------------ the three hooks
-    def before_forward(self, step: int, total_steps: int) -> bool:
-        """Switch hybrid sparse attention on or off for ``step``; returns whether it is on."""
+    def before_forward(self, step: int, total_steps: int, inputs=None, world_size: int | None = None) -> bool:
+        """Before the forward of a micro-batch of ``step``: switch hybrid sparse attention on or off for the step and,
+        when ``inputs`` is given, count its tokens (times ``world_size``: by default the ``torch.distributed`` world
+        size, 1 without it). Returns whether the sparse pattern is on."""
         self.current_step = step
         on = schedule.hsa_active(step, total_steps, self.config)
         if on != self.hsa_on:
@@ -116,14 +126,21 @@ class MSTController:
 
                 attention.set_hsa_active(unwrap_model(self.model), on)
             self.hsa_on = on
+        if inputs is not None:
+            self.flops.add_inputs(inputs, world_size=_world_size() if world_size is None else world_size)
         return on
 
+    def is_update_step(self, step: int, total_steps: int) -> bool:
+        """Whether ``after_backward(step, ...)`` updates the topology (once per step, also across a resume)."""
+        return schedule.is_update_step(step, total_steps, self.config) and self.last_update_step != step
+
     def after_backward(self, step: int, total_steps: int, optimizer=None) -> dict | None:
-        """After the (accumulated, all-reduced) backward of ``step``: update the topology when due, then mask the
-        gradients. Returns the update's record, or ``None`` when no update happened."""
-        record = None
-        if schedule.is_update_step(step, total_steps, self.config) and self.last_update_step != step:
-            record = self.update_topology(step, total_steps, optimizer)
+        """After the (accumulated, all-reduced) backward of the last micro-batch of ``step``: add the step's FLOPs
+        (with the masks its forward and backward ran with), update the topology when due, then mask the gradients.
+        Returns the update's record, or ``None`` when no update happened."""
+        update = self.is_update_step(step, total_steps)
+        self.flops.end_step(self.masks, hsa_on=bool(self.hsa_on), update_step=update)
+        record = self.update_topology(step, total_steps, optimizer) if update else None
         self.masks.apply_to_grads()
         return record
 
@@ -171,6 +188,21 @@ class MSTController:
         self.history.append(record)
         self.last_update_step = step
         return record
+
+    # ------------------------------------------------------------------ logging
+    def metrics(self, global_step: int, total_steps: int) -> dict[str, float]:
+        """Scalar ``mst/*`` values describing the optimizer step that ran last (``global_step`` is the number of
+        steps done): sparsity, phase index, drop fraction, whether the sparse pattern was on, and the FLOP totals."""
+        total = max(total_steps, 1)
+        step = self.current_step if self.current_step is not None else global_step
+        step = min(step, total - 1)
+        return {
+            "mst/sparsity": self.masks.sparsity(),
+            "mst/phase": float(schedule.PHASES.index(schedule.phase(step, total, self.config))),
+            "mst/drop_fraction": schedule.drop_fraction(step, total, self.config),
+            "mst/hsa": float(bool(self.hsa_on)),
+            **self.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

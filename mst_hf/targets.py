@@ -9,6 +9,7 @@ PEFT-style: a list of module-name suffixes, or one regex that must match the who
 import re
 from dataclasses import dataclass
 
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -61,14 +62,13 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / torch.compile / PEFT wrappers."""
+    """The transformers model inside DDP / DeepSpeed / FSDP1 / torch.compile wrappers (accelerate's
+    ``extract_model_from_parallel``, repeated because the wrappers can nest in either order)."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
+        inner = extract_model_from_parallel(model, keep_torch_compile=False)
+        if inner is model:
             return model
+        model = inner
 
 
 def find_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:

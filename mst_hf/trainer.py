@@ -19,13 +19,10 @@ import shutil
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
 
-from . import hub, schedule
+from . import hub
 from .checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
-
-PHASE_INDEX = {name: i for i, name in enumerate(schedule.PHASES)}
-
 
 class _MSTCallback(TrainerCallback):
     def __init__(self, controller: MSTController):
@@ -68,12 +65,9 @@ class MSTTrainer(Trainer):
     # ------------------------------------------------------------------ the training step
     def training_step(self, model, inputs, num_items_in_batch=None):
         step, total = self.state.global_step, self.state.max_steps
-        hsa_on = self.mst.before_forward(step, total)
-        self.mst.flops.add_inputs(inputs, world_size=self.accelerator.num_processes)  # global tokens
+        self.mst.before_forward(step, total, inputs, world_size=self.accelerator.num_processes)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            update = schedule.is_update_step(step, total, self.mst_config) and self.mst.last_update_step != step
-            self.mst.flops.end_step(self.mst.masks, hsa_on=hsa_on, update_step=update)  # masks before the update
+        if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
             record = self.mst.after_backward(step, total, self.optimizer)
             if record is not None:
                 self.log(
@@ -87,18 +81,9 @@ class MSTTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def mst_metrics(self) -> dict[str, float]:
-        """The MST values added to every log line (scalars only, so TensorBoard can plot them). All describe the
-        optimizer step that ran last, like the loss they are logged with."""
-        total = max(self.state.max_steps, 1)
-        step = self.mst.current_step if self.mst.current_step is not None else self.state.global_step
-        step = min(step, total - 1)
-        return {
-            "mst/sparsity": self.mst.masks.sparsity(),
-            "mst/phase": float(PHASE_INDEX[schedule.phase(step, total, self.mst_config)]),
-            "mst/drop_fraction": schedule.drop_fraction(step, total, self.mst_config),
-            "mst/hsa": float(bool(self.mst.hsa_on)),
-            **self.mst.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
-        }
+        """The MST values added to every log line (:meth:`MSTController.metrics`; scalars only, so TensorBoard can
+        plot them). All describe the optimizer step that ran last, like the loss they are logged with."""
+        return self.mst.metrics(self.state.global_step, self.state.max_steps)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.state.max_steps:

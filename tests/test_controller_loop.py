@@ -1,0 +1,65 @@
+"""A custom loop written exactly as `MSTController`'s docstring says counts the same FLOPs and gets the same masks as
+`MSTTrainer` on the same run (same model, data order, optimizer and schedule)."""
+
+import torch
+from transformers import TrainingArguments
+
+from mst_hf import MSTConfig, MSTController, MSTTrainer
+
+from .helpers import tiny_gpt2, toy_dataset
+
+STEPS, BATCH, ACCUM = 12, 4, 2
+
+
+def _cfg():
+    return MSTConfig(initial_sparsity=0.0, ultra_sparsity=0.8, final_sparsity=0.2, warmup_ratio=0.25,
+                     restoration_ratio=0.25, update_interval=3, hsa_pattern="local", hsa_window=4, hsa_stride=4,
+                     hsa_block=4)
+
+
+def _trainer_run(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=ACCUM, learning_rate=1e-2, lr_scheduler_type="constant",
+                             weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True, dataloader_drop_last=True, logging_steps=100)
+    data = toy_dataset(n=STEPS * BATCH * ACCUM)
+    trainer = MSTTrainer(tiny_gpt2(), args, mst_config=_cfg(), train_dataset=data)
+    trainer.train()
+    return trainer.mst
+
+
+def _custom_loop():
+    model = tiny_gpt2()
+    data = toy_dataset(n=STEPS * BATCH * ACCUM)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ctl = MSTController(model, _cfg())
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            rows = data[(step * ACCUM + micro) * BATCH : (step * ACCUM + micro + 1) * BATCH]
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            ctl.before_forward(step, STEPS, batch)
+            (model(**batch).loss / ACCUM).backward()
+        ctl.after_backward(step, STEPS, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        ctl.after_optimizer_step()
+    return ctl
+
+
+def test_custom_loop_counts_the_same_flops_as_trainer(tmp_path):
+    by_trainer, by_loop = _trainer_run(tmp_path), _custom_loop()
+    assert by_loop.flops.total_flops > 0
+    assert (by_loop.flops.total_flops, by_loop.flops.dense_total_flops, by_loop.flops.tokens) == (
+        by_trainer.flops.total_flops, by_trainer.flops.dense_total_flops, by_trainer.flops.tokens)
+    # the count covers every optimizer step and every token of every micro-batch
+    assert by_loop.flops.steps == STEPS and by_loop.flops.tokens == STEPS * ACCUM * BATCH * 32
+    assert [r["step"] for r in by_loop.history] == [r["step"] for r in by_trainer.history]
+
+
+def test_custom_loop_without_batches_counts_no_tokens():
+    model = tiny_gpt2()
+    ctl = MSTController(model, _cfg())
+    ctl.before_forward(0, STEPS)  # no batch passed: nothing to count
+    model(**{k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}).loss.backward()
+    ctl.after_backward(0, STEPS)
+    assert ctl.flops.tokens == 0 and ctl.flops.total_flops == 0
