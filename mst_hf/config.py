@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from dataclasses import field
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -86,30 +87,64 @@ class MSTConfig(PretrainedConfig):
 
     model_type = "mst"
 
-    initial_sparsity: float = 0.0
-    ultra_sparsity: float = 0.9
-    final_sparsity: float = 0.0
-    warmup_ratio: float = 0.1
-    restoration_ratio: float = 0.2
-    warmup_curve: str = "cubic"
-    restoration_curve: str = "cubic"
-    update_interval: int = 100
-    drop_fraction: float = 0.3
-    drop_fraction_schedule: str = "cosine"
-    grow_method: str | dict | None = None
-    mixed_gradient_fraction: float = 0.75
-    sparsity_distribution: str = "erdos_renyi"
-    target_modules: list | str | None = None
-    exclude_modules: list | str | None = None
-    sparsify_lm_head: bool = True
-    seed: int = 0
-    hsa_pattern: str = "local_strided"
-    hsa_window: int = 128
-    hsa_stride: int = 128
-    hsa_block: int = 128
-    hsa_phases: list | None = None
-    hsa_layers: list | str = "all"
-    hsa_head_split: bool = False
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Weight sparsity at step 0 (0.0: start dense)."})
+    ultra_sparsity: float = field(default=0.9, metadata={"help": "Weight sparsity of the ultra-sparsification phase."})
+    final_sparsity: float = field(
+        default=0.0, metadata={"help": "Weight sparsity at the end of restoration (0.0: end dense)."}
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Warm-up length, as a fraction of the run's optimizer steps."}
+    )
+    restoration_ratio: float = field(
+        default=0.2, metadata={"help": "Restoration length, as a fraction of the run's optimizer steps."}
+    )
+    warmup_curve: str = field(default="cubic", metadata={"help": "Sparsity ramp of warm-up: cubic, linear or cosine."})
+    restoration_curve: str = field(
+        default="cubic", metadata={"help": "Sparsity ramp of restoration: cubic, linear or cosine."}
+    )
+    update_interval: int = field(
+        default=100, metadata={"help": "Optimizer steps between topology updates (plus one at each phase start)."}
+    )
+    drop_fraction: float = field(
+        default=0.3, metadata={"help": "zeta_0: share of active connections dropped and regrown per update."}
+    )
+    drop_fraction_schedule: str = field(
+        default="cosine", metadata={"help": "Decay of the drop fraction: cosine, cosine_per_phase or constant."}
+    )
+    grow_method: str | dict | None = field(
+        default=None, metadata={"help": "gradient (RigL), random (SET), mixed, or a dict phase -> method."}
+    )
+    mixed_gradient_fraction: float = field(
+        default=0.75, metadata={"help": "Share of mixed growth chosen by gradient; the rest is random."}
+    )
+    sparsity_distribution: str = field(
+        default="erdos_renyi", metadata={"help": "Per-layer allocation: erdos_renyi or uniform."}
+    )
+    target_modules: list | str | None = field(
+        default=None, metadata={"help": "Module-name suffixes or a regex to sparsify (None: per model type)."}
+    )
+    exclude_modules: list | str | None = field(
+        default=None, metadata={"help": "Module-name suffixes or a regex to keep dense."}
+    )
+    sparsify_lm_head: bool = field(
+        default=True, metadata={"help": "Sparsify the LM head (the shared matrix when tied to the embedding)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random growth (the same on every rank)."})
+    hsa_pattern: str = field(
+        default="local_strided", metadata={"help": "Attention pattern: dense, local, strided, local_strided or fixed."}
+    )
+    hsa_window: int = field(default=128, metadata={"help": "Window of the local pattern, in positions."})
+    hsa_stride: int = field(default=128, metadata={"help": "Stride of the strided pattern, in positions."})
+    hsa_block: int = field(default=128, metadata={"help": "Block of the fixed pattern, in positions."})
+    hsa_phases: list | None = field(
+        default=None, metadata={"help": "Phases with sparse attention (None: ultra); dense causal elsewhere."}
+    )
+    hsa_layers: list | str = field(
+        default="all", metadata={"help": "Layers with sparse attention: all, alternate or a list of indices."}
+    )
+    hsa_head_split: bool = field(
+        default=False, metadata={"help": "Half the heads local, half strided (local_strided only)."}
+    )
 
     def __post_init__(self, **kwargs):
         if self.grow_method is None:
