@@ -1,6 +1,7 @@
 """`MSTConfig`: every knob of Mixed Sparsity Training, validated on construction, saved as ``mst_config.json``."""
 
 import copy
+import difflib
 import json
 import os
 from dataclasses import field
@@ -157,8 +158,25 @@ class MSTConfig(PretrainedConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
+        _refuse_unknown_keywords(kwargs)
         super().__post_init__(**kwargs)
         self.validate_mst()
+        object.__setattr__(self, "_mst_validated", True)
+
+    def __setattr__(self, name, value):
+        """An MST field set after construction is validated like one passed to the constructor (the old value stays
+        when the new one is refused). Change related fields together with ``MSTConfig(**{**cfg.mst_dict(), ...})``
+        when one alone would break a rule that ties them (e.g. ``warmup_ratio + restoration_ratio <= 1``)."""
+        if name not in _MST_FIELDS or not self.__dict__.get("_mst_validated"):
+            super().__setattr__(name, value)
+            return
+        old = self.__dict__.get(name)
+        super().__setattr__(name, value)
+        try:
+            self.validate_mst()
+        except (TypeError, ValueError):
+            super().__setattr__(name, old)
+            raise
 
     # ------------------------------------------------------------------ validation
     def validate_mst(self) -> None:
@@ -260,6 +278,11 @@ class MSTConfig(PretrainedConfig):
                 f"it needs `hsa_pattern='local_strided'`, got {self.hsa_pattern!r}."
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("_mst_validated", None)
+        return data
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MSTConfig":
@@ -323,3 +346,18 @@ class MSTConfig(PretrainedConfig):
 _MST_FIELDS = frozenset(
     name for name in MSTConfig.__dataclass_fields__ if name not in PretrainedConfig.__dataclass_fields__
 )
+
+# Keywords that PretrainedConfig itself writes or accepts when a config round-trips (not MST fields).
+_GENERIC_KEYWORDS = frozenset(PretrainedConfig().to_dict()) | {"torch_dtype", "num_labels", "name_or_path"}
+
+
+def _refuse_unknown_keywords(kwargs: dict) -> None:
+    """A keyword that is neither an MST field nor a generic config key is a typo: refuse it (PretrainedConfig
+    would store it silently and keep the default of the field that was meant)."""
+    unknown = sorted(k for k in kwargs if k not in _GENERIC_KEYWORDS and not k.startswith("_"))
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(_MST_FIELDS), n=1)
+    hint = f"did you mean `{close[0]}`?" if close else f"the MST fields are {sorted(_MST_FIELDS)}."
+    raise TypeError(f"MSTConfig got an unknown keyword `{name}`={kwargs[name]!r}; {hint}")

@@ -20,11 +20,14 @@ own micro-batch and the count is multiplied by the world size (every rank is ass
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.utils import logging
 
 from . import schedule, topology
 from .flops import FlopMeter, model_flop_shapes
 from .masks import MaskState
 from .targets import TargetWeight, require_targets, unwrap_model
+
+logger = logging.get_logger(__name__)
 
 _SEED_MOD = 2**62
 
@@ -37,11 +40,17 @@ class MSTController:
     """Owns the :class:`MaskState` of a model and applies the MST schedule to it."""
 
     def __init__(self, model: nn.Module, mst_config, initialize_masks: bool = True):
+        from .config import MSTConfig
+
+        if not isinstance(mst_config, MSTConfig):
+            raise TypeError(f"`mst_config` must be an mst_hf.MSTConfig, got {type(mst_config).__name__}.")
+        mst_config.validate_mst()  # also catches a field changed behind the config's back (e.g. via __dict__)
         self.model = model
         self.config = mst_config
         self.targets: dict[str, TargetWeight] = require_targets(model, mst_config)
         self.masks = MaskState({name: t.param for name, t in self.targets.items()})
         self.history: list[dict] = []  # one record per topology update
+        self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
         self.hsa_on: bool | None = None
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
@@ -140,7 +149,15 @@ class MSTController:
         Returns the update's record, or ``None`` when no update happened."""
         update = self.is_update_step(step, total_steps)
         self.flops.end_step(self.masks, hsa_on=bool(self.hsa_on), update_step=update)
-        record = self.update_topology(step, total_steps, optimizer) if update else None
+        record = None
+        if update and not self.masks.grads_finite():
+            # Growth scores would be NaN/inf (e.g. an overflowing fp16 step that GradScaler is about to skip): keep
+            # the masks, try again at the next update step.
+            logger.warning("MST: non-finite gradients at step %d; the topology update of this step is skipped "
+                           "(masks unchanged).", step)
+            self.skipped_updates.append(step)
+        elif update:
+            record = self.update_topology(step, total_steps, optimizer)
         self.masks.apply_to_grads()
         return record
 

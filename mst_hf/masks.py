@@ -6,6 +6,7 @@ checkpoints stay those of the plain model) and serialises them bit-packed.
 """
 
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -16,6 +17,43 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bit-pack a boolean mask into a flat uint8 tensor (8 positions per byte, little bit order)."""
     bits = np.packbits(mask.detach().flatten().to("cpu", torch.uint8).numpy(), bitorder="little")
     return torch.from_numpy(bits)
+
+
+SHAPE_SUFFIX = ".__shape__"  # state_dict key of a mask's shape: f"{name}{SHAPE_SUFFIX}"
+
+
+def check_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, object], where: str, exact: bool = True) -> None:
+    """Refuse saved entries that do not fit a model: the one name/shape check of the package.
+
+    ``shapes``: name -> shape found in a file (masks, weights); ``expected``: name -> tensor (or shape) of the model.
+    Refuses (``ValueError`` naming ``where``, the names and both shapes) a name the model does not have, a shape
+    that differs, and, with ``exact=True``, a model entry the file lacks."""
+    missing = sorted(set(expected) - set(shapes)) if exact else []
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match the model: missing entries for {missing[:5]}, unexpected entries "
+            f"{unexpected[:5]} (of {len(shapes)} in the file, {len(expected)} in the model); it belongs to another "
+            "model. Load what was saved from the same model architecture and MST target modules."
+        )
+    for name, shape in shapes.items():
+        want = tuple(int(x) for x in getattr(expected[name], "shape", expected[name]))
+        if tuple(int(x) for x in shape) != want:
+            raise ValueError(f"{where}: `{name}` has shape {tuple(shape)} but the model's parameter has shape {want}: "
+                             "it belongs to another model. Load what was saved from this model.")
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over ``name`` then the raw bytes of ``tensors[name]``, in name order: the one digest of the package.
+
+    Of bit-packed masks (``{name: pack_mask(mask)}``) it is :meth:`MaskState.digest`, equal on every rank when the
+    masks agree and stored in ``mst_masks.safetensors``; of a compact file's tensors it is the payload digest that
+    ``mst_sparse.safetensors`` stores. A stored digest that no longer matches exposes any byte changed on disk."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -44,6 +82,7 @@ class MaskState:
         self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
         self._lists = None
         self._active: dict[str, int] = {}  # cached counts (a count is a host sync: only recount after a change)
+        self._zeros: dict = {}
 
     # ------------------------------------------------------------------ applying
     def _tensor_lists(self):
@@ -58,6 +97,20 @@ class MaskState:
                 self.masks[n] = self.masks[n].to(p.device)
                 self._lists = None
 
+    def _zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A cached 0-d zero of ``like``'s dtype and device (the fill value of :meth:`_keep_active`)."""
+        key = (like.device, like.dtype)
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return self._zeros[key]
+
+    def _keep_active(self, tensors, masks) -> None:
+        """``t = where(mask, t, 0)`` in place. A select, not a product: NaN or inf at a pruned position becomes 0
+        (``nan * 0`` is NaN), while non-finite values at active positions stay for the caller (e.g. GradScaler) to see.
+        """
+        for t, m in zip(tensors, masks):
+            torch.where(m, t, self._zero(t), out=t)
+
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         """Zero every pruned weight (as +0.0, so sparse files round-trip bit-exactly)."""
@@ -66,7 +119,7 @@ class MaskState:
             self._sync_devices()
             params, masks = self._tensor_lists()
         data = [p.data for p in params]
-        torch._foreach_mul_(data, masks)
+        self._keep_active(data, masks)
         torch._foreach_add_(data, 0.0)  # -0.0 + 0.0 == +0.0
 
     @torch.no_grad()
@@ -75,7 +128,15 @@ class MaskState:
         params, masks = self._tensor_lists()
         pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
         if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+            self._keep_active([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
+    def grads_finite(self) -> bool:
+        """Whether every gradient of the masked weights is finite (one host sync; only called at update steps)."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all().item())
 
     @torch.no_grad()
     def set_mask(self, name: str, new_mask: torch.Tensor, optimizer=None) -> tuple[int, int]:
@@ -116,11 +177,7 @@ class MaskState:
 
     def digest(self) -> str:
         """SHA-256 of all masks (in name order): equal on every rank when masks agree."""
-        h = hashlib.sha256()
-        for name in sorted(self.masks):
-            h.update(name.encode())
-            h.update(pack_mask(self.masks[name]).numpy().tobytes())
-        return h.hexdigest()
+        return tensor_digest({name: pack_mask(mask) for name, mask in self.masks.items()})
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -128,29 +185,18 @@ class MaskState:
         out = {}
         for name, mask in self.masks.items():
             out[name] = pack_mask(mask)
-            out[name + ".__shape__"] = torch.tensor(list(mask.shape), dtype=torch.int64)
+            out[name + SHAPE_SUFFIX] = torch.tensor(list(mask.shape), dtype=torch.int64)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor], apply: bool = True) -> None:
         """Load masks saved by :meth:`state_dict`; refuses files whose names or shapes do not match the model."""
-        names = {k for k in state if not k.endswith(".__shape__")}
-        if names != set(self.params):
-            raise ValueError(
-                f"Mask file does not match the model: missing masks for {sorted(set(self.params) - names)[:5]}, "
-                f"unexpected masks {sorted(names - set(self.params))[:5]}. Load masks saved from the same model "
-                "architecture and MST target modules."
-            )
-        loaded = {}
-        for name, param in self.params.items():
-            if name + ".__shape__" not in state:
+        shapes = {}
+        for name in (k for k in state if not k.endswith(SHAPE_SUFFIX)):
+            if name + SHAPE_SUFFIX not in state:
                 raise ValueError(f"Mask file has no shape entry for `{name}`: it is not an mst_hf mask file.")
-            shape = tuple(int(x) for x in state[name + ".__shape__"].tolist())
-            if shape != tuple(param.shape):
-                raise ValueError(
-                    f"Mask `{name}` has shape {shape} but the model's parameter has shape {tuple(param.shape)}: "
-                    "the mask file belongs to another model."
-                )
-            loaded[name] = unpack_mask(state[name], shape).to(param.device)
+            shapes[name] = tuple(int(x) for x in state[name + SHAPE_SUFFIX].tolist())
+        check_shapes(shapes, self.params, "Mask file")
+        loaded = {name: unpack_mask(state[name], shapes[name]).to(param.device) for name, param in self.params.items()}
         self.masks = loaded
         self._lists = None
         self._active = {}

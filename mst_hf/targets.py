@@ -7,11 +7,15 @@ PEFT-style: a list of module-name suffixes, or one regex that must match the who
 """
 
 import re
+import sys
 from dataclasses import dataclass
 
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Per-model-type default projections (module-name suffixes); unknown types use every Linear/Conv1D of the model.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -106,13 +110,49 @@ def find_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
     return targets
 
 
+PEFT_REFUSAL = (
+    "MST does not train PEFT adapters: it evolves the masks of the base weights, which a PEFT model freezes. To "
+    "LoRA-tune a sparse MST checkpoint, train the PeftModel with plain transformers.Trainer (the frozen base stays "
+    "sparse), then merge with mst_hf.merge_lora_sparse(peft_model, masks) to keep the base sparsity."
+)
+
+
+def has_peft_layers(model: nn.Module) -> bool:
+    """A PeftModel, a transformers model with a loaded adapter, or a base model PEFT injected layers into (what
+    ``PeftModel.get_base_model()`` returns). peft is only consulted when it is already imported."""
+    if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
+        return True
+    peft_tuners = sys.modules.get("peft.tuners.tuners_utils")
+    layer_type = getattr(peft_tuners, "BaseTunerLayer", None)
+    return layer_type is not None and any(isinstance(m, layer_type) for m in model.modules())
+
+
 def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
-    """:func:`find_targets`, raising a clear error when nothing would be sparsified."""
-    targets = find_targets(model, mst_config)
-    if not targets:
-        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    """:func:`find_targets` for training: refuses PEFT models, leaves frozen weights (``requires_grad=False``)
+    out with a warning (pruning a weight that never trains would only destroy it), and raises a clear error when
+    nothing would be sparsified."""
+    inner = unwrap_model(model)
+    if has_peft_layers(inner):
+        raise NotImplementedError(PEFT_REFUSAL)
+    found = find_targets(model, mst_config)
+    targets = {name: t for name, t in found.items() if t.param.requires_grad}
+    frozen = [name for name in found if name not in targets]
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if frozen and not targets:
         raise ValueError(
-            f"MST found no weight matrix to sparsify in this {type(unwrap_model(model)).__name__} "
+            f"Every weight MST would sparsify in this {type(inner).__name__} is frozen (requires_grad=False): "
+            f"{frozen[:4]}{' ...' if len(frozen) > 4 else ''}. MST prunes and regrows weights while they train; "
+            "unfreeze them (`model.requires_grad_(True)`) or choose trainable ones with `target_modules`."
+        )
+    if frozen:
+        logger.warning(
+            "MST leaves %d frozen weight(s) (requires_grad=False) dense instead of pruning them: %s. Unfreeze them "
+            "to sparsify them, or list them in `exclude_modules` to silence this warning.", len(frozen),
+            ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""),
+        )
+    if not targets:
+        raise ValueError(
+            f"MST found no weight matrix to sparsify in this {type(inner).__name__} "
             f"(model_type={model_type!r}) with target_modules={mst_config.target_modules!r}, "
             f"exclude_modules={mst_config.exclude_modules!r}, sparsify_lm_head={mst_config.sparsify_lm_head!r}. "
             "Set `target_modules` to the names of its nn.Linear/Conv1D projections."

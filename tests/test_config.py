@@ -88,3 +88,18 @@ def test_preset_and_override():
     assert cfg.seed == 7 and cfg.hsa_pattern != "dense"
     with pytest.raises(ValueError, match="Unknown MST preset 'gpt3'"):
         MSTConfig.from_preset("gpt3")
+
+
+@pytest.mark.parametrize("typo,meant", [("ultra_sparstiy", "ultra_sparsity"), ("hsa_windw", "hsa_window")])
+def test_misspelt_keyword_is_refused_with_the_field_meant(typo, meant):
+    with pytest.raises(TypeError, match=rf"`{typo}`.*did you mean `{meant}`"):
+        MSTConfig(**{typo: 0.5})
+
+
+def test_field_set_after_construction_is_validated_and_the_old_value_kept():
+    cfg = MSTConfig()
+    with pytest.raises(ValueError, match="ultra_sparsity.*5.0"):
+        cfg.ultra_sparsity = 5.0
+    assert cfg.ultra_sparsity == 0.9
+    cfg.ultra_sparsity = 0.8
+    assert cfg.ultra_sparsity == 0.8 and MSTConfig.from_dict(cfg.to_dict()).ultra_sparsity == 0.8

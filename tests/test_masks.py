@@ -95,3 +95,17 @@ def test_initial_masks_are_seeded_and_reach_initial_sparsity():
         tiny_gpt2(), MSTConfig(initial_sparsity=0.6, seed=1, hsa_pattern="dense"))
     assert a.masks.digest() == b.masks.digest() != c.masks.digest()
     assert a.masks.sparsity() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_non_finite_values_at_pruned_positions_become_zero_and_active_ones_stay():
+    param = torch.nn.Parameter(torch.ones(2, 3))
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    state = MaskState({"w": param}, {"w": mask})
+    param.grad = torch.tensor([[1.0, float("nan"), float("inf")], [float("-inf"), float("nan"), 2.0]])
+    state.apply_to_grads()
+    assert torch.equal(param.grad[~mask], torch.zeros(3))
+    assert param.grad[0, 0] == 1.0 and param.grad[0, 2] == float("inf") and torch.isnan(param.grad[1, 1])
+    param.data[0, 1] = float("nan")
+    state.apply_to_weights()
+    assert torch.equal(param.data[~mask], torch.zeros(3)) and not torch.signbit(param.data[~mask]).any()
+    assert not state.grads_finite()

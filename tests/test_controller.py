@@ -1,6 +1,7 @@
 """A custom loop written exactly as `MSTController`'s docstring says counts the same FLOPs and gets the same masks as
 `MSTTrainer` on the same run (same model, data order, optimizer and schedule)."""
 
+import pytest
 import torch
 from transformers import TrainingArguments
 
@@ -63,3 +64,45 @@ def test_custom_loop_without_batches_counts_no_tokens():
     model(**{k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}).loss.backward()
     ctl.after_backward(0, STEPS)
     assert ctl.flops.tokens == 0 and ctl.flops.total_flops == 0
+
+
+def _masked_gpt2():
+    cfg = MSTConfig(initial_sparsity=0.5, ultra_sparsity=0.5, final_sparsity=0.5, warmup_ratio=0.0,
+                    restoration_ratio=0.0, update_interval=2, hsa_pattern="dense", grow_method="gradient")
+    model = tiny_gpt2()
+    return model, MSTController(model, cfg)
+
+
+def test_non_finite_gradient_at_update_step_skips_the_update_and_training_continues():
+    model, ctl = _masked_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = toy_dataset(n=4 * 6)
+    before = {n: m.clone() for n, m in ctl.masks.masks.items()}
+    for step in range(6):
+        rows = data[step * 4 : (step + 1) * 4]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        ctl.before_forward(step, 6, batch)
+        model(**batch).loss.backward()
+        if step == 2:  # an update step: NaN and inf at pruned positions only
+            name, target = next(iter(ctl.targets.items()))
+            pruned = (~ctl.masks.masks[name]).nonzero()[:2]
+            target.param.grad[pruned[0][0], pruned[0][1]] = float("nan")
+            target.param.grad[pruned[1][0], pruned[1][1]] = float("inf")
+            masks_at_2 = {n: m.clone() for n, m in ctl.masks.masks.items()}
+        record = ctl.after_backward(step, 6, optimizer)
+        if step == 2:
+            assert record is None and ctl.skipped_updates == [2]
+            assert all(torch.equal(m, masks_at_2[n]) for n, m in ctl.masks.masks.items())
+        optimizer.step()
+        optimizer.zero_grad()
+        ctl.after_optimizer_step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["step"] for r in ctl.history] == [0, 4]  # the updates before and after the skipped one ran
+    assert any(not torch.equal(m, before[n]) for n, m in ctl.masks.masks.items())
+
+
+def test_config_changed_behind_its_back_is_refused_by_the_controller():
+    cfg = MSTConfig(hsa_pattern="dense")
+    cfg.__dict__["ultra_sparsity"] = 5.0
+    with pytest.raises(ValueError, match="ultra_sparsity"):
+        MSTController(tiny_gpt2(), cfg)
