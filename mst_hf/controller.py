@@ -20,6 +20,7 @@ own micro-batch and the count is multiplied by the world size (every rank is ass
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from . import schedule, topology
@@ -81,6 +82,12 @@ class MSTController:
         from . import attention
 
         model, cfg = unwrap_model(self.model), self.config
+        if not isinstance(getattr(model, "config", None), PretrainedConfig):
+            raise TypeError(
+                f"Hybrid sparse attention (hsa_pattern={cfg.hsa_pattern!r}) needs a transformers model on the "
+                f"attention interface; {type(model).__name__} is not one. Set `hsa_pattern='dense'` to train its "
+                "weights with MST and dense attention."
+            )
         attention.configure_hsa(model, pattern=cfg.hsa_pattern, window=cfg.hsa_window, stride=cfg.hsa_stride,
                                 block=cfg.hsa_block, layers=cfg.hsa_layers, head_split=cfg.hsa_head_split,
                                 active=False)
@@ -220,6 +227,13 @@ class MSTController:
             "mst/hsa": float(bool(self.hsa_on)),
             **self.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
         }
+
+    def reset_run(self) -> None:
+        """Start a new run on the current masks: the FLOP totals, the update history and the schedule position
+        start again (what ``MSTTrainer.train()`` does when called a second time without resuming)."""
+        self.flops = FlopMeter(self.flops.flop_model)
+        self.history, self.skipped_updates = [], []
+        self.last_update_step = self.current_step = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

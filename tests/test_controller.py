@@ -106,3 +106,14 @@ def test_config_changed_behind_its_back_is_refused_by_the_controller():
     cfg.__dict__["ultra_sparsity"] = 5.0
     with pytest.raises(ValueError, match="ultra_sparsity"):
         MSTController(tiny_gpt2(), cfg)
+
+
+def test_plain_module_with_sparse_attention_is_refused_with_the_fix():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+    with pytest.raises(TypeError, match="hsa_pattern='dense'"):
+        MSTController(Plain(), MSTConfig(target_modules=["fc"]))
+    assert len(MSTController(Plain(), MSTConfig(target_modules=["fc"], hsa_pattern="dense")).targets) == 1
