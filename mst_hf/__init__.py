@@ -2,13 +2,12 @@
 
 from . import attention, schedule  # importing attention registers the "mst_hsa" implementation
 from .attention import configure_hsa, get_hsa_state, set_hsa_active
-from .checkpoint import last_complete_checkpoint, load_masks, save_masks
 from .config import MST_CONFIG_NAME, PRESETS, MSTConfig
 from .controller import MSTController
 from .flops import FlopMeter, model_flop_shapes
-from .hub import load_sparse, push_sparse_to_hub, save_sparse
+from .integrations.peft import merge_lora_sparse, pruned_nonzeros
+from .io import last_complete_checkpoint, load_masks, load_sparse, push_sparse_to_hub, save_masks, save_sparse
 from .masks import MaskState
-from .peft_utils import merge_lora_sparse, pruned_nonzeros
 from .plan import plan_run
 from .targets import find_targets, layer_sparsities
 from .trainer import MSTTrainer

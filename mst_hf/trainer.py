@@ -19,10 +19,10 @@ import shutil
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
 
-from . import hub
-from .checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
+from .io import hub
+from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
 
 class _MSTCallback(TrainerCallback):
     def __init__(self, controller: MSTController):

@@ -15,9 +15,8 @@ Compare the merged model's loss with the unmerged ``PeftModel``'s to see what th
 
 import torch
 
-from .checkpoint import named_base_params
-from .hub import as_mask_dict
-from .masks import MaskState
+from ..io.attach import as_mask_dict, named_base_params
+from ..masks import MaskState, check_shapes
 
 
 def merge_lora_sparse(peft_model, masks, safe_merge: bool = False, adapter_names: list[str] | None = None):
@@ -33,14 +32,8 @@ def merge_lora_sparse(peft_model, masks, safe_merge: bool = False, adapter_names
     if mask_dict is None:
         raise ValueError("`masks` is required: pass the MST checkpoint directory the base model was loaded from "
                          "(it holds mst_masks.safetensors) or its MaskState.")
-    params = named_base_params(peft_model)
-    for name, mask in mask_dict.items():
-        if name not in params:
-            raise ValueError(f"Mask `{name}` names no parameter of the base model of this PeftModel: the masks belong "
-                             "to another model. Pass the masks of the checkpoint the base was loaded from.")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise ValueError(f"Mask `{name}` has shape {tuple(mask.shape)} but the base weight has shape "
-                             f"{tuple(params[name].shape)}: the masks belong to another model.")
+    check_shapes({n: tuple(m.shape) for n, m in mask_dict.items()}, named_base_params(peft_model),
+                 "`masks` (against the base model of this PeftModel)", exact=False)
     merged = peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
     merged_params = dict(merged.named_parameters())
     MaskState({n: merged_params[n] for n in mask_dict}, mask_dict).apply_to_weights()

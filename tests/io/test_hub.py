@@ -17,9 +17,9 @@ from transformers import TrainingArguments  # noqa: E402
 
 import mst_hf  # noqa: E402
 from mst_hf import MSTConfig, MSTTrainer  # noqa: E402
-from mst_hf.checkpoint import MASKS_NAME  # noqa: E402
+from mst_hf.io import MASKS_NAME  # noqa: E402
 
-from .helpers import tiny_gpt2, toy_dataset  # noqa: E402
+from ..helpers import tiny_gpt2, toy_dataset  # noqa: E402
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 MST_FILES = {"mst_config.json", "mst_masks.safetensors", "mst_state.json"}
@@ -141,7 +141,7 @@ def test_push_refuses_a_corrupt_mask_file_before_uploading(tmp_path, monkeypatch
     controller = mst_hf.MSTController(model, mst_config())
     out = tmp_path / "saved"
     model.save_pretrained(str(out))
-    mst_hf.checkpoint.save_mst_files(str(out), controller)
+    mst_hf.io.save_mst_files(str(out), controller)
     data = bytearray((out / MASKS_NAME).read_bytes())
     data[-1] ^= 0xFF
     (out / MASKS_NAME).write_bytes(bytes(data))

@@ -24,11 +24,11 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import mst_hf  # noqa: E402
 from mst_hf import MSTConfig, MSTController, MSTTrainer, schedule  # noqa: E402
-from mst_hf.checkpoint import MASKS_NAME, STATE_NAME, load_mst_files, save_mst_files  # noqa: E402
+from mst_hf.io import MASKS_NAME, STATE_NAME, load_mst_files, save_mst_files  # noqa: E402
 
-from .helpers import tiny_gpt2, tiny_llama, toy_dataset  # noqa: E402
+from ..helpers import tiny_gpt2, tiny_llama, toy_dataset  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 20
 SAVE_AT = {"warmup": 3, "ultra": 9, "restoration": 16}
 KILL_AFTER = 8  # the child saves every 4 steps and is killed one step after checkpoint-8 is complete
@@ -105,7 +105,7 @@ if any(m == "mst_hf" or m.startswith("mst_hf.") for m in sys.modules):
 torch.save(logits, logits_path + ".tmp")
 import os; os.replace(logits_path + ".tmp", logits_path)
 sys.path.insert(0, repo)
-from tests.test_checkpoint import train_until_killed
+from tests.io.test_checkpoint import train_until_killed
 train_until_killed(train_dir)
 """
 

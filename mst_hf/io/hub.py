@@ -1,13 +1,8 @@
-"""What leaves an MST run: the compact sparse file, the model card section, and the push to the Hub.
+"""What leaves an MST run: the compact sparse file of a model, the model card section, and the push to the Hub.
 
-**Compact format** (``mst_sparse.safetensors``, :func:`save_sparse` / :func:`load_sparse`). For each sparse matrix
-``name``: its non-zeros in row-major order under ``name:values`` (original dtype), its bitmask packed 8 per byte
-under ``name:mask`` and its shape under ``name:shape``; every other tensor as is under ``name``. A tensor shared by
-several names (a tied LM head) is stored once and the other names listed as aliases in the metadata. Size per sparse
-matrix: ``density * numel * itemsize + numel / 8`` bytes instead of ``numel * itemsize``. Reloading is bit-exact:
-values are copied bit for bit (``-0.0`` and active weights that are exactly ``0.0`` included) and pruned positions
-are restored as ``+0.0``, which is what :meth:`MaskState.apply_to_weights` leaves there. A SHA-256 digest of the
-payload, stored in the metadata, rejects files whose bytes changed.
+**Compact file** (:func:`save_sparse` / :func:`load_sparse`): a model's weights as non-zeros plus a bitmask
+(``mst_sparse.safetensors``, format in :mod:`mst_hf.io.formats`), about proportional to the density and reloaded
+bit-exactly.
 
 **Model card**: :func:`model_card_section` records the schedule (the :class:`MSTConfig` fields), the final sparsity,
 the counted FLOP reduction (matmul FLOPs counted by ``mst_hf.flops``, not a measured time) and the perplexity when
@@ -17,7 +12,6 @@ the model was evaluated; :func:`write_model_card` puts it into ``README.md`` wit
 :func:`push_sparse_to_hub` for a saved directory or a model.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -25,65 +19,30 @@ import tempfile
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import (
+from ..config import MST_CONFIG_NAME, MSTConfig
+from ..masks import MaskState, check_shapes
+from ..targets import find_targets, unwrap_model
+from .attach import as_mask_dict
+from .checkpoint import read_saved_info, saved_phase
+from .formats import (
     MASKS_NAME,
-    SHAPE_SUFFIX,
+    SPARSE_NAME,
     STATE_NAME,
-    atomic_write,
-    mask_state_of,
-    mask_tensors,
-    read_any_masks,
     read_mask_file,
-    read_saved_info,
+    read_sparse,
     save_masks,
-    saved_phase,
+    sparse_file,
     write_json,
+    write_sparse_file,
 )
-from .config import MST_CONFIG_NAME, MSTConfig
-from .masks import MaskState, pack_mask, unpack_mask
-from .targets import find_targets, unwrap_model
 
-SPARSE_NAME = "mst_sparse.safetensors"
-SPARSE_FORMAT = "mst_hf_sparse"
-SPARSE_VERSION = "1"
 MST_TAGS = ("mst", "sparse")
 CARD_START, CARD_END = "<!-- mst_hf:start -->", "<!-- mst_hf:end -->"
 UPLOAD_IGNORE = ["_*", "checkpoint-*", "*.tmp*"]
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-# ------------------------------------------------------------------------------------------------ compact format
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as integers: ``!= 0`` exactly where the value is not ``+0.0`` (``-0.0`` included)."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def as_mask_dict(masks) -> dict[str, torch.Tensor] | None:
-    """``{name: bool tensor}`` from a MaskState, MSTController, MSTTrainer, dict or saved masks path."""
-    if masks is None:
-        return None
-    if isinstance(masks, (str, os.PathLike)):
-        return mask_tensors(read_any_masks(str(masks)))
-    state = mask_state_of(masks)
-    if state is not None:
-        return {n: m.cpu() for n, m in state.masks.items()}
-    if isinstance(masks, dict) and all(torch.is_tensor(m) and m.dtype == torch.bool for m in masks.values()):
-        return {n: m.cpu() for n, m in masks.items()}
-    raise TypeError(f"`masks` must be a MaskState, an MSTController/MSTTrainer, a dict name -> bool tensor or the "
-                    f"path of saved masks, got {type(masks).__name__}.")
-
-
+# ------------------------------------------------------------------------------------------------ compact file
 def _plain_model(model):
     model = unwrap_model(model)
     if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
@@ -111,105 +70,7 @@ def save_sparse(model, path, masks=None) -> str:
         file = os.path.join(path, SPARSE_NAME)
         if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
             model.config.save_pretrained(path)
-    state = model.state_dict()
-    canonical, aliases = {}, {}
-    for name, t in state.items():  # a tied weight is stored once, under its first name
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in canonical and t.numel() > 0:
-            aliases[name] = canonical[key]
-        else:
-            canonical[key] = name
-    masks = {aliases.get(n, n): m for n, m in (masks or {}).items()} if masks is not None else None
-    unknown = sorted(set(masks or {}) - set(state))
-    if unknown:
-        raise ValueError(f"`masks` name parameters the model does not have: {unknown[:5]}. Pass the masks saved from "
-                         "this model.")
-    tensors = {}
-    for name in (n for n in state if n not in aliases):
-        t = state[name].detach().cpu().contiguous()
-        mask = masks.get(name) if masks is not None else None
-        if mask is not None:
-            if tuple(mask.shape) != tuple(t.shape):
-                raise ValueError(f"Mask `{name}` has shape {tuple(mask.shape)}, the weight {tuple(t.shape)}.")
-            n_bad = int(((_bits(t) != 0) & ~mask).sum())
-            if n_bad:
-                raise ValueError(
-                    f"`{name}` holds {n_bad} values other than +0.0 where its mask prunes: storing it sparse would "
-                    "lose them. Zero the pruned weights first (MaskState.apply_to_weights) or pass masks=None."
-                )
-        elif masks is None and t.is_floating_point() and t.ndim >= 2:
-            nonzero = _bits(t) != 0
-            if int(nonzero.sum()) * t.element_size() + (t.numel() + 7) // 8 < t.numel() * t.element_size():
-                mask = nonzero
-        if mask is None:
-            tensors[name] = t
-        else:
-            tensors[name + ":values"] = t[mask]
-            tensors[name + ":mask"] = pack_mask(mask)
-            tensors[name + ":shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
-    metadata = {"format": SPARSE_FORMAT, "version": SPARSE_VERSION, "aliases": json.dumps(aliases),
-                "masks": "given" if masks is not None else "nonzero", "digest": _payload_digest(tensors)}
-    atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return file
-
-
-def _sparse_file(path) -> str:
-    path = str(path)
-    return os.path.join(path, SPARSE_NAME) if os.path.isdir(path) else path
-
-
-def _read_sparse_raw(file: str) -> tuple[dict, dict]:
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"No compact MST file at {file!r}; write one with mst_hf.save_sparse(model, path).")
-    try:
-        with safe_open(file, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:
-        raise ValueError(f"Compact MST file {file!r} is corrupt, truncated or not a safetensors file ({err}). Save "
-                         "it again from the model.") from err
-    if metadata.get("format") != SPARSE_FORMAT:
-        raise ValueError(f"{file!r} is not a compact mst_hf file (metadata format={metadata.get('format')!r}); "
-                         "write it with mst_hf.save_sparse.")
-    if _payload_digest(tensors) != metadata.get("digest"):
-        raise ValueError(f"Compact MST file {file!r} is corrupt: its bytes do not match the digest stored when it "
-                         "was written. Save it again from the model.")
-    return tensors, metadata
-
-
-def read_sparse(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
-    """Read a compact file: ``(dense state dict with every alias, {name: bool mask} of the sparse tensors, aliases)``.
-    """
-    file = _sparse_file(path)
-    tensors, metadata = _read_sparse_raw(file)
-    dense, masks = {}, {}
-    for key, t in tensors.items():
-        if key.endswith(":values"):
-            name = key[: -len(":values")]
-            shape = tuple(int(x) for x in tensors[name + ":shape"].tolist())
-            mask = unpack_mask(tensors[name + ":mask"], shape)
-            if int(mask.sum()) != t.numel():
-                raise ValueError(f"Compact MST file {file!r}: `{name}` has {t.numel()} values for {int(mask.sum())} "
-                                 "mask positions; the file is malformed.")
-            full = torch.zeros(shape, dtype=t.dtype)
-            full[mask] = t
-            dense[name], masks[name] = full, mask
-        elif not key.endswith((":mask", ":shape")):
-            dense[key] = t
-    aliases = json.loads(metadata.get("aliases", "{}"))
-    for alias, name in aliases.items():
-        dense[alias] = dense[name]
-    return dense, masks, aliases
-
-
-def read_sparse_masks(path) -> dict[str, torch.Tensor]:
-    """The masks of a compact file as a packed mask state dict (as in ``mst_masks.safetensors``)."""
-    _, masks, _ = read_sparse(path)
-    out = {}
-    for name, mask in masks.items():
-        out[name] = pack_mask(mask)
-        out[name + SHAPE_SUFFIX] = torch.tensor(list(mask.shape), dtype=torch.int64)
-    return out
+    return write_sparse_file(file, model.state_dict(), masks)
 
 
 def load_sparse(path, model=None, **from_config_kwargs):
@@ -217,29 +78,25 @@ def load_sparse(path, model=None, **from_config_kwargs):
     ``AutoModelForCausalLM`` built from the ``config.json`` beside the file in the saved dtype
     (``from_config_kwargs`` such as ``attn_implementation`` are passed on). Names, shapes and dtypes are checked
     before any weight is written."""
-    dense, _, aliases = read_sparse(path)
+    file = sparse_file(path)
+    dense, _, aliases = read_sparse(file)
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        directory = os.path.dirname(os.path.abspath(_sparse_file(path)))
+        directory = os.path.dirname(os.path.abspath(file))
         if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise ValueError(f"No config.json next to {_sparse_file(path)!r} to build the model from: pass `model=` "
-                             "(a model of the same architecture).")
+            raise ValueError(f"No config.json next to {file!r} to build the model from: pass `model=` (a model of "
+                             "the same architecture).")
         floats = [t.dtype for t in dense.values() if t.is_floating_point()]
         from_config_kwargs.setdefault("dtype", max(set(floats), key=floats.count) if floats else None)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **from_config_kwargs)
     target = _plain_model(model).state_dict()
-    missing, unexpected = sorted(set(target) - set(dense)), sorted(set(dense) - set(target))
-    if missing or unexpected:
-        raise ValueError(f"Compact file {_sparse_file(path)!r} does not match this {type(model).__name__}: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}. Load it into the architecture it was saved "
-                         "from.")
+    check_shapes({n: tuple(t.shape) for n, t in dense.items()}, target, f"Compact file {file!r}")
     for name, t in dense.items():
-        if tuple(target[name].shape) != tuple(t.shape) or target[name].dtype != t.dtype:
+        if target[name].dtype != t.dtype:
             raise ValueError(
-                f"`{name}` is {t.dtype} {tuple(t.shape)} in {_sparse_file(path)!r} but {target[name].dtype} "
-                f"{tuple(target[name].shape)} in the model. Build the model with the saved dtype (e.g. "
-                f"model.to({t.dtype})) or pass model=None."
+                f"`{name}` is {t.dtype} in {file!r} but {target[name].dtype} in the model. Build the model with the "
+                f"saved dtype (e.g. model.to({t.dtype})) or pass model=None."
             )
     with torch.no_grad():
         for name, t in dense.items():
@@ -349,9 +206,7 @@ def _prepare_model_dir(model, directory: str, masks, mst_config, metrics, compac
                           {n: t.param.detach() != 0 for n, t in targets.items()})
     else:
         params = dict(model.named_parameters())
-        unknown = sorted(set(mask_dict) - set(params))
-        if unknown:
-            raise ValueError(f"`masks` name parameters the model does not have: {unknown[:5]}.")
+        check_shapes({n: tuple(m.shape) for n, m in mask_dict.items()}, params, "`masks`", exact=False)
         state = MaskState({n: params[n] for n in mask_dict}, mask_dict)
     save_masks(state, directory)
     controller = getattr(masks, "mst", masks)

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noq
 
 import mst_hf  # noqa: E402
 from mst_hf import MSTConfig, MSTController, MSTTrainer  # noqa: E402
-from mst_hf.checkpoint import save_mst_files  # noqa: E402
+from mst_hf.io import save_mst_files  # noqa: E402
 
-from .helpers import tiny_gpt2, tiny_llama, toy_dataset  # noqa: E402
+from ..helpers import tiny_gpt2, tiny_llama, toy_dataset  # noqa: E402
 
 ADAPTED = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]
 
@@ -51,7 +51,7 @@ def test_lora_training_keeps_base_sparse_and_sparse_merge_keeps_sparsity(sparse_
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     Trainer(peft_model, args, train_dataset=toy_dataset(24, seq_len=16)).train()
 
-    base_now = mst_hf.checkpoint.named_base_params(peft_model)
+    base_now = mst_hf.io.attach.named_base_params(peft_model)
     assert all(torch.equal(base_now[n], before[n]) for n in before)  # frozen base, masks untouched
     assert mst_hf.pruned_nonzeros(peft_model, masks) == 0
 

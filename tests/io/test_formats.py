@@ -1,0 +1,99 @@
+"""The two file formats: files laid out by hand exactly as the first release wrote them still load; the one digest
+is the SHA-256 the files store."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mst_hf
+from mst_hf.io import formats
+
+from ..helpers import tiny_gpt2
+
+NAMES = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]
+
+
+def hand_masks(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {n: torch.rand(params[n].shape, generator=g) < 0.3 for n in NAMES}
+
+
+def sha256_of(entries):
+    """name, then raw bytes, in name order: the digest the first release stored (computed here without mst_hf)."""
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        h.update(name.encode())
+        h.update(entries[name])
+    return h.hexdigest()
+
+
+def write_v1_mask_file(path, masks):
+    tensors, payload = {}, {}
+    for name, mask in masks.items():
+        bits = np.packbits(mask.flatten().numpy().astype(np.uint8), bitorder="little")
+        tensors[name] = torch.from_numpy(bits)
+        tensors[name + ".__shape__"] = torch.tensor(list(mask.shape), dtype=torch.int64)
+        payload[name] = bits.tobytes()
+    save_file(tensors, str(path), metadata={"format": "mst_hf", "version": "1", "digest": sha256_of(payload)})
+    return sha256_of(payload)
+
+
+def test_a_mask_file_laid_out_by_the_first_release_loads(tmp_path):
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    digest = write_v1_mask_file(tmp_path / "mst_masks.safetensors", masks)
+    loaded = mst_hf.load_masks(model, str(tmp_path), apply=False)
+    assert all(torch.equal(loaded.masks[n], masks[n]) for n in NAMES)
+    assert loaded.digest() == digest  # MaskState.digest is the digest the file stores
+
+
+def test_a_compact_file_laid_out_by_the_first_release_loads(tmp_path):
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.mul_(masks[name]).add_(0.0)
+    state = model.state_dict()
+    tensors = {}
+    for name, t in state.items():
+        if name == "lm_head.weight":  # tied to transformer.wte.weight: an alias
+            continue
+        if name in masks:
+            tensors[name + ":values"] = t[masks[name]].contiguous()
+            bits = np.packbits(masks[name].flatten().numpy().astype(np.uint8), bitorder="little")
+            tensors[name + ":mask"] = torch.from_numpy(bits)
+            tensors[name + ":shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+        else:
+            tensors[name] = t.contiguous()
+    digest = sha256_of({k: v.numpy().tobytes() for k, v in tensors.items()})
+    metadata = {"format": "mst_hf_sparse", "version": "1", "aliases": json.dumps({"lm_head.weight":
+                "transformer.wte.weight"}), "masks": "given", "digest": digest}
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)
+
+    fresh = mst_hf.load_sparse(str(tmp_path / "m.safetensors"), tiny_gpt2(seed=5))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    reread = mst_hf.load_masks(tiny_gpt2(), str(tmp_path / "m.safetensors"), apply=False)
+    assert all(torch.equal(reread.masks[n], masks[n]) for n in NAMES)
+
+
+def test_the_one_digest_is_sha256_of_names_and_bytes():
+    tensors = {"b": torch.arange(5, dtype=torch.int16), "a": torch.tensor([1.5, -0.0]).to(torch.bfloat16)}
+    expected = sha256_of({k: v.view(torch.uint8).numpy().tobytes() for k, v in tensors.items()})
+    assert mst_hf.masks.tensor_digest(tensors) == expected
+
+
+def test_a_mask_file_with_too_few_bytes_is_refused_by_name(tmp_path):
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    write_v1_mask_file(tmp_path / "mst_masks.safetensors", masks)
+    state = formats.read_mask_file(str(tmp_path))
+    state[NAMES[0]] = state[NAMES[0]][:-1]
+    save_file(state, str(tmp_path / "mst_masks.safetensors"), metadata={"format": "mst_hf", "version": "1"})
+    with pytest.raises(ValueError, match=r"mst_masks.safetensors.*c_attn.weight.*malformed"):
+        formats.read_mask_file(str(tmp_path))
