@@ -1,0 +1,131 @@
+"""The package's shape: no import circle, dependencies pointing one way, modules of one idea.
+
+Read with `ast` (nothing is imported), so a violation fails here even when it would work at run time.
+Every import counts, also one inside a function (a lazy import still ties the two modules together)."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "mst_hf"
+LEAVES = {"mst_hf.schedule", "mst_hf.topology", "mst_hf.masks", "mst_hf.attention.patterns"}
+TOP = ("mst_hf.trainer", "mst_hf.cli", "mst_hf.integrations")  # nothing inside the library depends on these
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    """Absolute names of the mst_hf modules an ``import`` statement reaches."""
+    is_package = MODULES[module].name == "__init__.py"
+    base = module.split(".")
+    if node.level:
+        base = base[: len(base) - node.level + (1 if is_package else 0)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not target.startswith("mst_hf"):
+        return []
+    found = []
+    for alias in node.names:  # `from . import attention` names a module; `from .x import y` names x
+        candidate = f"{target}.{alias.name}"
+        found.append(candidate if candidate in MODULES else target)
+    return found
+
+
+def _imports() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in MODULES.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                edges.update(_resolve(module, node))
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("mst_hf"))
+        graph[module] = {e for e in edges if e in MODULES and e != module}
+    return graph
+
+
+GRAPH = _imports()
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_circle():
+    # package __init__ files re-export their children: the arrows from a child to its own package door are the
+    # circle to look for, so they stay in the graph
+    assert _cycle(GRAPH) is None, f"import circle: {' -> '.join(_cycle(GRAPH))}"
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_leaves_import_nothing_from_the_package(leaf):
+    if leaf not in MODULES:
+        pytest.fail(f"{leaf} is part of the intended layout but does not exist")
+    assert GRAPH[leaf] == set(), f"{leaf} imports {sorted(GRAPH[leaf])}"
+
+
+def test_schedule_is_torch_free():
+    tree = ast.parse(MODULES["mst_hf.schedule"].read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    assert "torch" not in names and "transformers" not in names
+
+
+def test_nothing_inside_the_library_imports_trainer_cli_or_integrations():
+    offenders = sorted(
+        (module, dep) for module, deps in GRAPH.items() for dep in deps
+        if dep.startswith(TOP) and module != "mst_hf" and not module.startswith(TOP)
+    )
+    assert offenders == []
+
+
+def test_implementations_and_kernels_stay_below_the_controller():
+    low = [m for m in MODULES if m.startswith(("mst_hf.attention", "mst_hf.kernels", "mst_hf.io"))]
+    high = ("mst_hf.controller", "mst_hf.trainer")
+    offenders = sorted((m, d) for m in low for d in GRAPH[m] if d.startswith(high))
+    assert offenders == []
+
+
+def test_attention_implementations_never_import_each_other():
+    impls = [m for m in MODULES if m.startswith("mst_hf.attention.impl.")]
+    assert impls, "mst_hf.attention.impl holds the implementations"
+
+    def family(name):
+        return ".".join(name.split(".")[:4])  # mst_hf.attention.impl.<backend>
+
+    shared = "mst_hf.attention.impl.common"  # helpers every backend may use (not an implementation)
+    offenders = sorted((m, d) for m in impls for d in GRAPH[m]
+                       if d.startswith("mst_hf.attention.impl.") and family(d) not in (family(m), shared))
+    assert offenders == []
+
+
+def test_modules_hold_one_idea_each():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert long == {}
