@@ -18,11 +18,16 @@ import shutil
 
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
+from transformers.utils import logging
 
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
+from .targets import PEFT_REFUSAL, has_peft_layers
 from .io import hub
 from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+
+logger = logging.get_logger(__name__)
+
 
 class _MSTCallback(TrainerCallback):
     def __init__(self, controller: MSTController):
@@ -40,13 +45,8 @@ class MSTTrainer(Trainer):
             mst_config = MSTConfig()
         if not isinstance(mst_config, MSTConfig):
             raise TypeError(f"`mst_config` must be an mst_hf.MSTConfig, got {type(mst_config).__name__}.")
-        if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
-            raise NotImplementedError(
-                "MSTTrainer does not train PEFT adapters: MST evolves the masks of the base weights, which a PEFT "
-                "model freezes. To LoRA-tune a sparse MST checkpoint, train the PeftModel with plain "
-                "transformers.Trainer (the frozen base stays sparse), then merge with "
-                "mst_hf.merge_lora_sparse(peft_model, masks) to keep the base sparsity."
-            )
+        if has_peft_layers(model):  # before Trainer touches the model (MSTController checks again)
+            raise NotImplementedError(PEFT_REFUSAL)
         super().__init__(model, args, *trainer_args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -60,6 +60,7 @@ class MSTTrainer(Trainer):
             )
         self.mst_config = mst_config
         self.mst = MSTController(self.model, mst_config)
+        self._mst_runs = 0
         self.add_callback(_MSTCallback(self.mst))
 
     # ------------------------------------------------------------------ the training step
@@ -90,9 +91,19 @@ class MSTTrainer(Trainer):
             logs = {**logs, **self.mst_metrics()}
         super().log(logs, *args, **kwargs)
 
-    def train(self, *args, **kwargs):
-        """``Trainer.train``, with the MST FLOP totals (``mst/total_flops``, ...) added to the returned metrics."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, with the MST FLOP totals (``mst/total_flops``, ...) added to the returned metrics.
+
+        Called again without ``resume_from_checkpoint``, Trainer starts a new run at step 0 (new optimizer and
+        learning-rate schedule): so does MST (the schedule runs again on the current weights and masks, and the
+        FLOP totals count the new run only)."""
+        if self._mst_runs and not resume_from_checkpoint:
+            logger.warning("MSTTrainer.train() called again: a new MST run starts at step 0 from the current weights "
+                           "and masks; its FLOP totals do not include the earlier run's. To continue a run instead, "
+                           "pass resume_from_checkpoint.")
+            self.mst.reset_run()
+        self._mst_runs += 1
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         output.metrics.update(self.mst.flops.metrics())
         return output
 

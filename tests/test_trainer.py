@@ -152,3 +152,14 @@ def test_log_lines_describe_the_step_just_taken(tmp_path):
     for h in lines:
         in_ultra = h["mst/phase"] == 1.0
         assert h["mst/hsa"] == float(in_ultra) and (h["mst/attention_density"] < 1.0) == in_ultra, h
+
+
+def test_train_called_twice_runs_a_new_schedule_and_counts_only_its_flops(tmp_path):
+    trainer, _ = _train(tiny_gpt2(), tmp_path, max_steps=10)
+    first = trainer.mst.flops.total_flops
+    first_updates = [r["step"] for r in trainer.mst.history]
+    trainer.train()
+    assert trainer.mst.flops.steps == 10 and trainer.mst.flops.total_flops > 0
+    assert trainer.mst.flops.total_flops == pytest.approx(first, rel=0.2)  # one run's worth, not two
+    assert [r["step"] for r in trainer.mst.history] == first_updates  # the same schedule again, once
+    assert trainer.mst.flops.tokens == 10 * 8 * 32
