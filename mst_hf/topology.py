@@ -142,3 +142,59 @@ def random_mask(shape: tuple[int, ...], n_active: int, generator: torch.Generato
     """A mask with exactly ``n_active`` active entries placed uniformly at random."""
     empty = torch.zeros(shape, dtype=torch.bool, device=device)
     return grow_random(empty, None, n_active, generator=generator)
+
+
+# --------------------------------------------------------------------------- block structure
+# With ``sparsity_structure="block"`` a mask is constant on square ``block x block`` tiles of the stored weight
+# (edge tiles may be partial), so a block-sparse kernel can skip whole tiles. Drop and grow then run the same
+# functions as above on one score per tile: the tile's L2 norm of |w| (drop the weakest tiles) and of the dense
+# gradient (grow where a gradient step would lower the loss fastest: a step of size eta on tile B lowers the loss by
+# about eta * ||g_B||^2). With ``block=1`` both reduce to the element rules.
+
+
+def block_grid(shape: tuple[int, int], block: int) -> tuple[int, int]:
+    """Number of tiles along each dimension (edge tiles partial)."""
+    return -(-shape[0] // block), -(-shape[1] // block)
+
+
+def block_norms(t: torch.Tensor, block: int) -> torch.Tensor:
+    """L2 norm of every ``block x block`` tile of a 2-D tensor: ``(R, C) -> (ceil(R/b), ceil(C/b))`` (float32)."""
+    rows, cols = block_grid(tuple(t.shape), block)
+    padded = torch.nn.functional.pad(t.detach().float(), (0, cols * block - t.shape[1], 0, rows * block - t.shape[0]))
+    return padded.view(rows, block, cols, block).square().sum(dim=(1, 3)).sqrt()
+
+
+def expand_blocks(block_mask: torch.Tensor, block: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The element mask of a tile mask, cropped to ``shape``."""
+    full = block_mask.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+    return full[: shape[0], : shape[1]].contiguous()
+
+
+def tile_mask(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """The tile mask of a block-constant element mask (reads each tile's first element)."""
+    return mask[::block, ::block].contiguous()
+
+
+def active_tiles(shape: tuple[int, int], block: int, density: float) -> int:
+    """Tiles to keep active for a layer at ``density`` (counted in tiles; exact for full tiles)."""
+    rows, cols = block_grid(shape, block)
+    return active_count(rows * cols, density)
+
+
+def evolve_blocks(mask, weight, grad, target_tiles, drop_fraction, grow_method, block, generator=None,
+                  gradient_fraction: float = 0.75) -> tuple[torch.Tensor, int, int]:
+    """:func:`evolve` on tiles: returns ``(new element mask, tiles dropped, tiles grown)``; the new mask has
+    exactly ``target_tiles`` active tiles."""
+    shape = tuple(mask.shape)
+    tiles, dropped, grown = evolve(
+        tile_mask(mask, block), block_norms(weight, block), None if grad is None else block_norms(grad, block),
+        target_tiles, drop_fraction, grow_method, generator=generator, gradient_fraction=gradient_fraction,
+    )
+    return expand_blocks(tiles, block, shape), dropped, grown
+
+
+def random_block_mask(shape: tuple[int, int], n_tiles: int, block: int, generator: torch.Generator,
+                      device=None) -> torch.Tensor:
+    """An element mask with exactly ``n_tiles`` active tiles placed uniformly at random."""
+    tiles = random_mask(block_grid(shape, block), n_tiles, generator, device)
+    return expand_blocks(tiles, block, shape)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from mst_hf import MSTConfig, layer_sparsities
+from mst_hf import MSTConfig, layer_sparsities, topology
 from mst_hf.topology import (
     active_count,
     drop_by_magnitude,
@@ -107,3 +107,42 @@ def test_active_count_rounds_half_up_and_clips():
 def test_unknown_grow_method():
     with pytest.raises(ValueError, match="Unknown grow method 'oracle'"):
         evolve(torch.ones(4, dtype=torch.bool), torch.ones(4), torch.ones(4), 2, 0.3, "oracle")
+
+
+# --------------------------------------------------------------------------- block structure
+def test_block_norms_and_expand_match_a_loop():
+    t = torch.arange(5 * 7, dtype=torch.float32).view(5, 7) - 10
+    norms = topology.block_norms(t, 3)
+    expected = torch.tensor([[t[r:r + 3, c:c + 3].norm() for c in range(0, 7, 3)] for r in range(0, 5, 3)])
+    assert torch.allclose(norms, expected)
+    tiles = torch.tensor([[True, False, True], [False, True, False]])
+    full = topology.expand_blocks(tiles, 3, (5, 7))
+    assert full.shape == (5, 7) and all(bool(full[r, c]) == bool(tiles[r // 3, c // 3])
+                                        for r in range(5) for c in range(7))
+
+
+def test_evolve_blocks_keeps_tiles_whole_and_exact_counts():
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 96)
+    mask = topology.random_block_mask(shape, 12, 16, g)
+    weight, grad = torch.randn(shape, generator=g) * mask, torch.randn(shape, generator=g)
+    new, dropped, grown = topology.evolve_blocks(mask, weight, grad, 9, 0.3, "gradient", 16)
+    tiles = topology.tile_mask(new, 16)
+    assert int(tiles.sum()) == 9 and torch.equal(topology.expand_blocks(tiles, 16, shape), new)
+    assert (dropped, grown) == (max(int(0.3 * 12), 3), max(int(0.3 * 12), 3) - 3)
+    # the grown tiles are the inactive ones with the largest gradient norm (RigL on tiles)
+    old_tiles = topology.tile_mask(mask, 16)
+    after_drop = old_tiles & tiles
+    added = tiles & ~after_drop
+    scores = topology.block_norms(grad, 16).masked_fill(after_drop, float("-inf"))
+    assert set(added.flatten().nonzero().flatten().tolist()) <= set(
+        scores.flatten().topk(int(added.sum()) + int((old_tiles & ~tiles).sum())).indices.tolist())
+
+
+def test_block_structure_with_block_one_is_the_element_rule():
+    g = torch.Generator().manual_seed(1)
+    mask = topology.random_mask((8, 8), 20, g)
+    weight, grad = torch.randn(8, 8, generator=g) * mask, torch.randn(8, 8, generator=g)
+    by_elements = topology.evolve(mask, weight, grad, 16, 0.25, "gradient")
+    by_tiles = topology.evolve_blocks(mask, weight, grad, 16, 0.25, "gradient", 1)
+    assert torch.equal(by_elements[0], by_tiles[0]) and by_elements[1:] == by_tiles[1:]
