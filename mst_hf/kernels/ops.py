@@ -1,0 +1,102 @@
+"""The block-sparse linear as PyTorch custom ops with autograd: usable eagerly, under ``torch.compile`` and under
+autocast.
+
+Three ``torch.library.triton_op`` ops (``mst_hf::block_sparse_linear``, ``..._grad_input``, ``..._grad_weight``)
+take 2-D activations, the dense-stored weight, the layout's compact index and the block size; the forward op's
+autograd formula (``register_autograd``) calls the other two and sums ``dY`` for the bias. ``triton_op`` lets
+``torch.compile`` see the Triton launches instead of treating the op as a black box.
+
+:func:`block_sparse_linear` is the user entry: any leading shape, both weight layouts, and autocast handled as
+``nn.Linear`` does (activations, weight and bias cast to the autocast dtype, by differentiable casts outside the
+op, so the float32 master weight receives the gradient).
+"""
+
+import torch
+from torch import Tensor
+
+from .layout import BlockLayout
+from .triton import launch
+
+_NS = "mst_hf"
+
+
+@torch.library.triton_op(f"{_NS}::block_sparse_linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, block: int, conv1d: bool) -> Tensor:
+    return launch.forward(x, weight, bias, index, block, conv1d)
+
+
+@torch.library.triton_op(f"{_NS}::block_sparse_linear_grad_input", mutates_args=())
+def _grad_input_op(grad_out: Tensor, weight: Tensor, index: Tensor, block: int, conv1d: bool) -> Tensor:
+    return launch.grad_input(grad_out, weight, index, block, conv1d)
+
+
+@torch.library.triton_op(f"{_NS}::block_sparse_linear_grad_weight", mutates_args=())
+def _grad_weight_op(
+    grad_out: Tensor, x: Tensor, weight: Tensor, index: Tensor, block: int, conv1d: bool, split: int
+) -> Tensor:
+    return launch.grad_weight(grad_out, x, weight, index, block, conv1d, split)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, index, block, conv1d = inputs
+    ctx.save_for_backward(x, weight, index)
+    ctx.block, ctx.conv1d, ctx.has_bias = block, conv1d, bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, index = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.mst_hf.block_sparse_linear_grad_input(grad_out, weight, index, ctx.block, ctx.conv1d)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.mst_hf.block_sparse_linear_grad_weight(grad_out, x, weight, index, ctx.block, ctx.conv1d, 0)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
+    return dx, dw, db, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::block_sparse_linear", _backward, setup_context=_setup_context)
+
+
+def _check(x: Tensor, weight: Tensor, bias, layout: BlockLayout, conv1d: bool) -> tuple[int, int]:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"`layout` must be a mst_hf.kernels.BlockLayout, got {type(layout).__name__}.")
+    if weight.ndim != 2:
+        raise ValueError(f"`weight` must be 2-D, got shape {tuple(weight.shape)}.")
+    n_out, n_in = (weight.shape[1], weight.shape[0]) if conv1d else tuple(weight.shape)
+    if layout.shape != (n_out, n_in):
+        kind = "Conv1D (in, out)" if conv1d else "nn.Linear (out, in)"
+        raise ValueError(
+            f"The layout covers a weight of (n_out, n_in)={layout.shape} but the {kind} weight of shape "
+            f"{tuple(weight.shape)} is (n_out, n_in)=({n_out}, {n_in}); build the layout from this weight's mask."
+        )
+    if x.shape[-1] != n_in:
+        raise ValueError(f"`x` has {x.shape[-1]} features in its last dimension; the weight expects n_in={n_in}.")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"`bias` must have shape ({n_out},), got {tuple(bias.shape)}.")
+    return n_out, n_in
+
+
+def block_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layout: BlockLayout, conv1d: bool = False):
+    """``x @ W^T + bias`` (``nn.Linear``) or ``x @ W + bias`` (``conv1d=True``, GPT-2's ``Conv1D``) computed on the
+    active blocks of `layout` only. Exact when `weight` is zero outside them (as MST keeps it); the weight
+    gradient is the sampled one (zero outside active blocks). `x` has shape ``(..., n_in)``.
+    """
+    n_out, n_in = _check(x, weight, bias, layout, conv1d)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(
+                f"`{name}` is {t.dtype} but `x` is {x.dtype}; cast them to one dtype or run under torch.autocast."
+            )
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"The block-sparse kernels take float32, float16 or bfloat16 inputs, got {x.dtype}.")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.mst_hf.block_sparse_linear(x2, weight, bias, layout.index(x.device), layout.block_size, conv1d)
+    return y.reshape(*lead, n_out)
