@@ -8,14 +8,14 @@ the best of `--rounds` interleaved rounds over all cells of a length (the baseli
 after warm-up calls (compilation and mask building excluded). Columns:
 
 - speed-up: SDPA causal time / this time, measured in the same run (> 1 is faster than dense causal);
-- density: attended (query, key) pairs / causal pairs, exact (`mst_hf.patterns.attention_density`);
+- density: attended (query, key) pairs / causal pairs, exact (`mst_hf.attention.patterns.attention_density`);
 - flex blocks: 128x128 blocks the flex layout computes / blocks of causal attention (what flex's BlockMask sees);
 - err: largest relative L2 error of the output and of the q/k/v gradients against SDPA with the boolean pattern
   mask (T <= 4096); above that, of the output on a 2048-token prefix (the patterns are causal, so a prefix is
   self-contained).
 
 Kernels listed per pattern are `auto` (which measures its candidates once and keeps the fastest) and each candidate
-`auto` considers (`mst_hf.attention_kernels.auto_candidates`). Inputs are (B, H, T, D) views of (B, T, H, D) memory,
+`auto` considers (`mst_hf.attention.dispatch.auto_candidates`). Inputs are (B, H, T, D) views of (B, T, H, D) memory,
 the layout transformers' attention modules pass.
 """
 
@@ -49,15 +49,9 @@ def relative_error(a, b):
 
 def bench_length(T, args, emit):
     """All patterns and kernels at one sequence length; `emit` writes a table row."""
-    from mst_hf.attention_kernels import (
-        PatternSpec,
-        auto_candidates,
-        auto_kernel,
-        flex_block_counts,
-        hsa_attention,
-        run_kernel,
-    )
-    from mst_hf.patterns import attention_density
+    from mst_hf.attention.dispatch import auto_candidates, auto_kernel, hsa_attention, run_kernel
+    from mst_hf.attention.impl.flex import flex_block_counts
+    from mst_hf.attention.patterns import HSASpec, attention_density
 
     device = torch.device("cuda")
     B = max(1, args.tokens // T)
@@ -79,7 +73,7 @@ def bench_length(T, args, emit):
     cells = []  # (row cells, fn, density, flex block fraction, err)
     prefix = min(T, 2048)
     for pattern in args.patterns:
-        spec = PatternSpec(pattern, args.window, args.stride, args.block)
+        spec = HSASpec(pattern, args.window, args.stride, args.block)
         density = attention_density(pattern, T, args.window, args.stride, args.block)
         blocks, causal_blocks = flex_block_counts(spec, T, device)
         kernels = ["auto"] + [c for c in auto_candidates(spec, T, args.head_dim, device) if c != "sdpa_causal"]

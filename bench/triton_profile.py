@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
-from mst_hf import attention_triton as at  # noqa: E402
-from mst_hf.attention_kernels import PatternSpec  # noqa: E402
+from mst_hf.attention import HSASpec  # noqa: E402
+from mst_hf.attention.impl import triton as at  # noqa: E402
 
 
 def report(name, fn, reps=10):
@@ -54,7 +54,7 @@ def main():
     report("sdpa causal", lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                                       (q, k, v), g))
     for pattern in at.TRITON_PATTERNS:
-        spec = PatternSpec(pattern, 128, 128, 128)
+        spec = HSASpec(pattern, 128, 128, 128)
         report(pattern, lambda spec=spec: torch.autograd.grad(at.triton_attention(q, k, v, spec), (q, k, v), g))
 
 

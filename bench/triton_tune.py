@@ -1,4 +1,4 @@
-"""Launch-parameter sweep for the Triton HSA kernel (mst_hf.attention_triton) on one CUDA GPU.
+"""Launch-parameter sweep for the Triton HSA kernel (mst_hf.attention.impl.triton) on one CUDA GPU.
 
     PYTHONPATH=. python bench/triton_tune.py --out $OUT/triton_tune.md
 
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 from bench.attention import bench_ms, relative_error  # noqa: E402
-from mst_hf import attention_triton as at  # noqa: E402
-from mst_hf.attention_kernels import PatternSpec, run_kernel  # noqa: E402
+from mst_hf.attention import HSASpec  # noqa: E402
+from mst_hf.attention.dispatch import run_kernel  # noqa: E402
+from mst_hf.attention.impl import triton as at  # noqa: E402
 
 CONFIGS = ["64,64,4,2,64", "64,64,4,3,64", "64,64,4,2,16", "128,64,8,2,64", "64,32,4,2,32", "128,128,8,2,128"]
 
@@ -38,7 +39,7 @@ def sweep_length(T, args, emit):
 
     causal = bench_ms(lambda: fwd_bwd(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True)))
     for pattern in args.patterns:
-        spec = PatternSpec(pattern, 128, 128, 128)
+        spec = HSASpec(pattern, 128, 128, 128)
         ref = fwd_bwd(lambda *x, spec=spec: run_kernel("sdpa_bool", *x, spec)) if T <= 4096 else None
         for cfg in args.configs:
             bm, bn, warps, stages, cls_tile = (int(x) for x in cfg.split(","))

@@ -2,8 +2,8 @@
 
     python docs/make_figures.py
 
-* ``hsa_patterns.png``: the boolean masks of the HSA patterns (``mst_hf.patterns``), query rows x key columns,
-  on a 64-token sequence with window = stride = block = 16 (the ratios of the paper's 128 at context 1024 are
+* ``hsa_patterns.png``: the boolean masks of the HSA patterns (``mst_hf.attention.patterns``), query rows x key
+  columns, on a 64-token sequence with window = stride = block = 16 (the ratios of the paper's 128 at context 1024 are
   1/8; 16 at 64 keeps the cells visible);
 * ``hsa_head_split.png``: the per-head split of ``local_strided`` (first half of the heads local, second strided);
 * ``schedule.png``: the sparsity schedule, attention density and counted cumulative FLOPs of the ``gpt2-4x``
@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mst_hf import MSTConfig
-from mst_hf.patterns import attention_density, pattern_mask_fn
+from mst_hf.attention.patterns import attention_density, pattern_mask_fn
 
 IMG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "img")
 SEQ_LEN, WINDOW, STRIDE, BLOCK = 64, 16, 16, 16

@@ -10,11 +10,11 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from . import schedule
+from .attention.patterns import HSASpec
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
 SPARSITY_DISTRIBUTIONS = ("erdos_renyi", "uniform")
-HSA_PATTERNS = ("dense", "local", "strided", "local_strided", "fixed")
 DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
 
 # Named presets. Each is documented in docs/concepts.md; `from_preset` returns a fresh config.
@@ -251,32 +251,12 @@ class MSTConfig(PretrainedConfig):
                 )
 
     def _validate_hsa(self) -> None:
-        if self.hsa_pattern not in HSA_PATTERNS:
-            raise ValueError(f"`hsa_pattern` must be one of {HSA_PATTERNS}, got {self.hsa_pattern!r}.")
-        for name in ("hsa_window", "hsa_stride", "hsa_block"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int (a number of positions), got {value!r}.")
+        """`hsa_phases` here (a schedule matter); every other ``hsa_*`` field through `HSASpec`, the one validator
+        of HSA settings (its errors name the ``hsa_*`` field)."""
         bad = [p for p in self.hsa_phases if p not in schedule.PHASES]
         if bad:
             raise ValueError(f"`hsa_phases` may only hold {schedule.PHASES}, got {self.hsa_phases!r}.")
-        layers = self.hsa_layers
-        if isinstance(layers, str):
-            if layers not in ("all", "alternate"):
-                raise ValueError(
-                    f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}."
-                )
-        elif not (isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers)):
-            raise ValueError(
-                f"`hsa_layers` must be 'all', 'alternate' or a list of layer indices >= 0, got {layers!r}."
-            )
-        if not isinstance(self.hsa_head_split, bool):
-            raise TypeError(f"`hsa_head_split` must be True or False, got {self.hsa_head_split!r}.")
-        if self.hsa_head_split and self.hsa_pattern != "local_strided":
-            raise ValueError(
-                f"`hsa_head_split=True` splits heads between the local and strided halves of 'local_strided'; "
-                f"it needs `hsa_pattern='local_strided'`, got {self.hsa_pattern!r}."
-            )
+        HSASpec.from_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -88,9 +88,7 @@ class MSTController:
                 f"attention interface; {type(model).__name__} is not one. Set `hsa_pattern='dense'` to train its "
                 "weights with MST and dense attention."
             )
-        attention.configure_hsa(model, pattern=cfg.hsa_pattern, window=cfg.hsa_window, stride=cfg.hsa_stride,
-                                block=cfg.hsa_block, layers=cfg.hsa_layers, head_split=cfg.hsa_head_split,
-                                active=False)
+        attention.configure_hsa(model, **attention.HSASpec.from_config(cfg).to_state(active=False))
         if getattr(model.config, "_attn_implementation", None) != attention.HSA_NAME:
             if not hasattr(model, "set_attn_implementation"):
                 raise NotImplementedError(

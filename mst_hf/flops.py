@@ -9,7 +9,7 @@ biases and embedding lookups are ignored (SPEC section 3):
   the dense gradient): ``+ 2 (n_in n_out - a)`` per token;
 * attention, per layer and token: ``4 * d_attn * k_bar`` forward (``Q K^T`` and ``A V``), twice that backward,
   so ``12 * d_attn * k_bar``, where ``d_attn = num_heads * head_dim`` of the queries and ``k_bar`` is the mean
-  number of keys a query attends (exact, from :func:`mst_hf.patterns.mean_attended_keys`, causal included).
+  number of keys a query attends (exact, from :func:`mst_hf.attention.patterns.mean_attended_keys`, causal included).
 
 Every ``nn.Linear``/``Conv1D`` of the model counts, targeted or not (an untargeted matrix is simply dense), and
 the LM head counts once even when it is tied to the token embedding. GQA needs nothing special: the k/v
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .patterns import mean_attended_keys
+from .attention.patterns import HSASpec
 from .targets import find_targets, unwrap_model
 from .topology import active_count
 
@@ -63,20 +63,17 @@ class Matmul:
 
 @dataclass(frozen=True)
 class FlopModel:
-    """Everything the FLOP count needs to know about a model: matmul shapes, attention size, and the HSA pattern.
+    """Everything the FLOP count needs to know about a model: matmul shapes, attention size, and the HSA settings.
 
-    ``hsa_layers`` are the layer indices that use the sparse pattern when HSA is on (the others stay dense causal).
+    ``hsa`` is the `HSASpec` of the run; ``hsa_layers`` are the layer indices that use its pattern when HSA is on
+    (``hsa.sparse_layers(n_layers)``; the others stay dense causal).
     """
 
     matmuls: tuple[Matmul, ...]
     n_layers: int
     attn_dim: int
     hsa_layers: tuple[int, ...] = ()
-    hsa_pattern: str = "dense"
-    hsa_window: int = 128
-    hsa_stride: int = 128
-    hsa_block: int = 128
-    hsa_head_split: bool = False
+    hsa: HSASpec = HSASpec(pattern="dense")
     max_seq_len: int | None = None
     _pairs_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -95,11 +92,10 @@ class FlopModel:
         key = (seq_len, bool(hsa_on))
         if key not in self._pairs_cache:
             dense = seq_len * (seq_len + 1)  # 2 * sum_q (q + 1)
-            n_sparse = len(self.hsa_layers) if hsa_on and self.hsa_pattern != "dense" else 0
+            n_sparse = len(self.hsa_layers) if hsa_on and self.hsa.pattern != "dense" else 0
             sparse = 0
             if n_sparse:
-                mean = mean_attended_keys(self.hsa_pattern, seq_len, self.hsa_window, self.hsa_stride,
-                                          self.hsa_block, self.hsa_head_split)
+                mean = self.hsa.mean_attended_keys(seq_len)
                 sparse = round(2 * mean * seq_len)  # exact: mean is an integer (or half-integer) over seq_len
             self._pairs_cache[key] = (self.n_layers - n_sparse) * dense + n_sparse * sparse
         return self._pairs_cache[key]
@@ -107,10 +103,9 @@ class FlopModel:
     def k_bar(self, seq_len: int, hsa_on: bool) -> list[float]:
         """Mean attended keys per query, per layer, for sequences of ``seq_len`` tokens."""
         dense = (seq_len + 1) / 2
-        if not hsa_on or self.hsa_pattern == "dense" or not self.hsa_layers:
+        if not hsa_on or self.hsa.pattern == "dense" or not self.hsa_layers:
             return [dense] * self.n_layers
-        sparse = mean_attended_keys(self.hsa_pattern, seq_len, self.hsa_window, self.hsa_stride, self.hsa_block,
-                                    self.hsa_head_split)
+        sparse = self.hsa.mean_attended_keys(seq_len)
         return [sparse if i in self.hsa_layers else dense for i in range(self.n_layers)]
 
     def attention_density(self, seq_len: int, hsa_on: bool) -> float:
@@ -121,19 +116,9 @@ class FlopModel:
 
 
 def hsa_layer_indices(hsa_layers, n_layers: int) -> tuple[int, ...]:
-    """Layers that use the sparse pattern: ``"all"``, ``"alternate"`` (0, 2, 4, ...: the rule of
-    :mod:`mst_hf.attention`) or an explicit list of indices."""
-    if hsa_layers == "all":
-        return tuple(range(n_layers))
-    if hsa_layers == "alternate":
-        return tuple(range(0, n_layers, 2))
-    bad = [i for i in hsa_layers if not 0 <= i < n_layers]
-    if bad and n_layers:
-        raise ValueError(
-            f"`hsa_layers` lists layers {bad} but the model has {n_layers} layers (indices 0..{n_layers - 1}); "
-            "remove them or use 'all' / 'alternate'."
-        )
-    return tuple(sorted(set(hsa_layers)))
+    """Layers that use the sparse pattern: ``"all"``, ``"alternate"`` (0, 2, 4, ...) or an explicit list of indices
+    (`HSASpec.sparse_layers`, the rule the attention uses)."""
+    return HSASpec(layers=hsa_layers).sparse_layers(n_layers)
 
 
 def _attention_size(config) -> tuple[int, int]:
@@ -183,16 +168,13 @@ def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
     if config is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         max_seq_len = getattr(text, "max_position_embeddings", None)
+    hsa = HSASpec.from_config(mst_config)
     return FlopModel(
         matmuls=tuple(matmuls),
         n_layers=n_layers,
         attn_dim=attn_dim,
-        hsa_layers=hsa_layer_indices(mst_config.hsa_layers, n_layers),
-        hsa_pattern=mst_config.hsa_pattern,
-        hsa_window=mst_config.hsa_window,
-        hsa_stride=mst_config.hsa_stride,
-        hsa_block=mst_config.hsa_block,
-        hsa_head_split=mst_config.hsa_head_split,
+        hsa_layers=hsa.sparse_layers(n_layers),
+        hsa=hsa,
         max_seq_len=max_seq_len,
     )
 

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mst_hf import MSTConfig, MSTController  # noqa: E402
+from mst_hf.attention import HSASpec  # noqa: E402
 from mst_hf.flops import (  # noqa: E402
     FlopMeter,
     FlopModel,
@@ -115,8 +116,8 @@ def brute_force_pairs(pattern, seq_len, window, stride, block):
 
 
 def one_layer(pattern, window, stride, block, head_split=False):
-    return FlopModel(matmuls=(), n_layers=1, attn_dim=8, hsa_layers=(0,), hsa_pattern=pattern, hsa_window=window,
-                     hsa_stride=stride, hsa_block=block, hsa_head_split=head_split)
+    return FlopModel(matmuls=(), n_layers=1, attn_dim=8, hsa_layers=(0,),
+                     hsa=HSASpec(pattern, window, stride, block, head_split=head_split))
 
 
 @pytest.mark.parametrize("pattern", ["dense", "local", "strided", "local_strided", "fixed"])

@@ -1,8 +1,8 @@
-"""The Triton HSA kernel (mst_hf.attention_triton) against the masked float32 reference.
+"""The Triton HSA kernel (mst_hf.attention.impl.triton) against the masked float32 reference.
 
 Without CUDA these run the real kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything
 imports triton); they are skipped where triton is not installed. The interpreter has no bfloat16 matmul, so CPU
-tests use float32 and float16; the bfloat16 check runs on the GPU (tests/test_attention.py, marked gpu)."""
+tests use float32 and float16; the bfloat16 check runs on the GPU (tests/attention/test_impl.py, marked gpu)."""
 
 import pytest
 import torch
@@ -10,10 +10,13 @@ import torch
 pytest.importorskip("triton")
 
 import mst_hf.attention as hsa  # noqa: E402
-import mst_hf.attention_triton as at  # noqa: E402
-from mst_hf.attention_kernels import PatternSpec, auto_candidates, choose_kernel, reference_attention  # noqa: E402
+import mst_hf.attention.dispatch as kernels  # noqa: E402
+import mst_hf.attention.impl.triton as at  # noqa: E402
+from mst_hf.attention import HSASpec  # noqa: E402
+from mst_hf.attention.dispatch import auto_candidates, choose_kernel  # noqa: E402
+from mst_hf.attention.impl.reference import reference_attention  # noqa: E402
 
-from .test_attention import ORACLE_MASKS, SEQ, VOCAB, assert_same_math, build, hand_mask, twin  # noqa: E402
+from .helpers import ORACLE_MASKS, SEQ, VOCAB, assert_same_math, build, hand_mask, twin  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not at.triton_available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
@@ -55,13 +58,13 @@ def check_against_reference(spec, T, heads=2, kv_heads=1, head_dim=16, dtype=tor
 
 
 SPECS = [
-    PatternSpec("local", window=24),
-    PatternSpec("strided", stride=7),  # 7 does not divide T: class-major tiles end inside a class
-    PatternSpec("strided", stride=12),  # L = 8 classes per position: tiles are self-contained (one-pass backward)
-    PatternSpec("local_strided", window=10, stride=6),
-    PatternSpec("local_strided", window=5, stride=12),  # window < stride
-    PatternSpec("fixed", block=12),
-    PatternSpec("fixed", block=40),  # several query tiles per block, summaries over several key tiles
+    HSASpec("local", window=24),
+    HSASpec("strided", stride=7),  # 7 does not divide T: class-major tiles end inside a class
+    HSASpec("strided", stride=12),  # L = 8 classes per position: tiles are self-contained (one-pass backward)
+    HSASpec("local_strided", window=10, stride=6),
+    HSASpec("local_strided", window=5, stride=12),  # window < stride
+    HSASpec("fixed", block=12),
+    HSASpec("fixed", block=40),  # several query tiles per block, summaries over several key tiles
 ]
 
 
@@ -77,26 +80,26 @@ def test_small_tiles_match_reference_with_grads(spec, monkeypatch):
 @pytest.mark.parametrize("pattern", at.TRITON_PATTERNS)
 def test_default_tiles_odd_length_and_head_dim(pattern):
     # T = 75: not a multiple of the tiles; head_dim 24 is padded to 32 inside the kernel
-    check_against_reference(PatternSpec(pattern, window=9, stride=5, block=10), 75, head_dim=24)
+    check_against_reference(HSASpec(pattern, window=9, stride=5, block=10), 75, head_dim=24)
 
 
 def test_half_precision_inputs():
-    check_against_reference(PatternSpec("local_strided", window=8, stride=8), 64, dtype=torch.float16, tol=2e-3)
+    check_against_reference(HSASpec("local_strided", window=8, stride=8), 64, dtype=torch.float16, tol=2e-3)
 
 
 def test_plan_uses_the_one_pass_backward_only_for_self_contained_tiles():
     launch = tuple(sorted(dict(at.LAUNCH, cls_tile=64).items()))
-    assert [p.self_contained for p in at.plan_parts(PatternSpec("strided", stride=128), 1024, launch)] == [True]
-    assert [p.self_contained for p in at.plan_parts(PatternSpec("strided", stride=8), 1024, launch)] == [False]
-    assert [p.self_contained for p in at.plan_parts(PatternSpec("local_strided"), 1024, launch)] == [False, True]
-    assert [p.n_sum for p in at.plan_parts(PatternSpec("fixed", block=128), 1000, launch)] == [7]
+    assert [p.self_contained for p in at.plan_parts(HSASpec("strided", stride=128), 1024, launch)] == [True]
+    assert [p.self_contained for p in at.plan_parts(HSASpec("strided", stride=8), 1024, launch)] == [False]
+    assert [p.self_contained for p in at.plan_parts(HSASpec("local_strided"), 1024, launch)] == [False, True]
+    assert [p.n_sum for p in at.plan_parts(HSASpec("fixed", block=128), 1000, launch)] == [7]
 
 
 def test_fused_qkv_slices_are_copied_not_misread():
     B, T, H, D = 1, 40, 2, 16
     qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)
     q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2))  # strided, not dense
-    spec = PatternSpec("fixed", block=8)
+    spec = HSASpec("fixed", block=8)
     out = at.triton_attention(q, k, v, spec)
     expected = reference_attention(q, k, v, loop_mask(spec, T))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -114,18 +117,16 @@ def test_forced_triton_backend_matches_oracle_in_a_model(monkeypatch):
 
 def test_unsupported_requests_are_refused_clearly():
     with pytest.raises(NotImplementedError, match="head_split"):
-        choose_kernel(PatternSpec("local_strided", head_split=True), 64, 16, DEVICE, backend="triton")
-    assert choose_kernel(PatternSpec("local"), 64, 128, DEVICE, backend="triton") == "triton"
+        choose_kernel(HSASpec("local_strided", head_split=True), 64, 16, DEVICE, backend="triton")
+    assert choose_kernel(HSASpec("local"), 64, 128, DEVICE, backend="triton") == "triton"
     with pytest.raises(NotImplementedError, match="head_dim=256"):
-        choose_kernel(PatternSpec("local"), 64, 256, DEVICE, backend="triton")
-    assert choose_kernel(PatternSpec("local"), 64, 16, DEVICE, backend="triton", dropout=0.1) == "sdpa_bool"
+        choose_kernel(HSASpec("local"), 64, 256, DEVICE, backend="triton")
+    assert choose_kernel(HSASpec("local"), 64, 16, DEVICE, backend="triton", dropout=0.1) == "sdpa_bool"
     with pytest.raises(NotImplementedError, match="dense"):
-        at.plan_parts(PatternSpec("dense"), 64)
-    import mst_hf.attention_kernels as kernels
-
+        at.plan_parts(HSASpec("dense"), 64)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "triton_available", lambda device: False)
         with pytest.raises(NotImplementedError, match="CUDA device"):
-            choose_kernel(PatternSpec("local"), 64, 16, DEVICE, backend="triton")
+            choose_kernel(HSASpec("local"), 64, 16, DEVICE, backend="triton")
     if DEVICE == "cpu":  # the interpreter is a test tool: `auto` never picks it on CPU
-        assert "triton" not in auto_candidates(PatternSpec("local"), 256, 64, "cpu")
+        assert "triton" not in auto_candidates(HSASpec("local"), 256, 64, "cpu")

@@ -1,130 +1,30 @@
-"""The pieces of the HSA kernels that FlexAttention needs: pattern specs, the masked float reference, the cached
-boolean masks and BlockMasks, and the block-sparse flex layouts (local; strided in the residue-class layout; fixed
-with the summary keys prepended; local_strided as two attentions over disjoint key sets merged through their
-log-sum-exps). `mst_hf.attention_kernels` adds the SDPA kernels and the dispatch on top.
+"""HSA patterns on FlexAttention: cached ``BlockMask``s and layouts that make each pattern block-sparse.
 
-The layouts call an "attend" engine that returns ``(out, lse)``: ``"flex"`` (compiled on CUDA) or ``"math"``
-(differentiable float math; lets CPU tests check the layouts and the merge, gradients included).
+Local runs as is; strided in the residue-class layout (copied so several classes share a block); fixed with the
+summary keys prepended; local_strided as a local and a strided attention over disjoint key sets, merged through
+their log-sum-exps. The layouts call an "attend" engine that returns ``(out, lse)``: ``"flex"`` (compiled on
+CUDA) or ``"math"`` (differentiable float math; lets CPU tests check the layouts and the merge, gradients
+included).
 """
 
 import inspect
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .patterns import generate_local_mask, pattern_mask_fn
+from .common import cached, dense_mask, expand_kv, layout_mask_mod, masked_attention
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch without FlexAttention: every backend but "flex" still works
     BlockMask = flex_attention = None
 
-
-KERNELS = ("sdpa_causal", "sdpa_bool", "eager", "perm_sdpa", "chunk_sdpa", "flex", "triton")
-BACKENDS = ("auto", "flex", "triton", "sdpa", "eager")
 FLEX_BLOCK = 128  # FlexAttention's default BLOCK_SIZE; the layouts align to it
-_CACHE_SIZE = 32
-
-
-@dataclass(frozen=True)
-class PatternSpec:
-    """An HSA pattern with its parameters; hashable, so it keys the mask caches."""
-
-    pattern: str = "local_strided"
-    window: int = 128
-    stride: int = 128
-    block: int = 128
-    head_split: bool = False
-
-    def mask_fn(self, num_heads: int | None = None):
-        return pattern_mask_fn(self.pattern, self.window, self.stride, self.block, self.head_split, num_heads)
-
-
-def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    if x.shape[1] == num_heads:
-        return x
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1)  # (B, H, T, D)
-
-
-def _math_attention(query, key, value, mask, scaling=None):
-    """Masked softmax attention, differentiable, in the inputs' dtype. Returns ``(out, lse)``; a row with no admitted
-    key gives out 0 and lse -inf (as FlexAttention does)."""
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
-    scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    has_key = mask.any(-1, keepdim=True)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    scores = torch.where(has_key, scores, torch.zeros_like(scores))  # finite dummy row, zeroed below
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.exp(scores - lse) @ value
-    out = torch.where(has_key, out, torch.zeros_like(out))
-    lse = torch.where(has_key, lse, torch.full_like(lse, float("-inf")))
-    return out, lse.squeeze(-1)
-
-
-def reference_attention(query, key, value, mask, scaling=None) -> torch.Tensor:
-    """The oracle: softmax attention in float32 under an explicit boolean `mask` (True = attend), broadcastable to
-    ``(B, H, Lq, Lk)``. Grouped-query key/value heads are repeated. Returns ``(B, H, Lq, D)`` float32."""
-    out, _ = _math_attention(query.float(), key.float(), value.float(), mask, scaling)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks: dense boolean masks and FlexAttention BlockMasks, cached by (layout key, lengths, device)
+# BlockMasks, cached by (layout key, lengths, device)
 # ---------------------------------------------------------------------------------------------------------------
-_MASKS: OrderedDict = OrderedDict()
-
-
-def _cached(key, build):
-    if key in _MASKS:
-        _MASKS.move_to_end(key)
-        return _MASKS[key]
-    value = build()
-    _MASKS[key] = value
-    if len(_MASKS) > _CACHE_SIZE:
-        _MASKS.popitem(last=False)
-    return value
-
-
-def _layout_mask_mod(layout: tuple):
-    """The mask_mod of a layout key. Built once per key (cache miss), so compiled flex sees the same object."""
-    kind = layout[0]
-    if kind == "pattern":
-        return layout[1].mask_fn(layout[2])
-    if kind == "local":
-        return generate_local_mask(layout[1])
-    if kind == "class_causal":  # residue-class layout: classes of n positions, causal inside, q - k >= gap
-        n, gap = layout[1], layout[2]
-
-        def class_causal(b, h, q_idx, kv_idx):
-            return (q_idx // n == kv_idx // n) & (q_idx - kv_idx >= gap)
-
-        return class_causal
-    if kind == "fixed_concat":  # keys = [summary keys padded to n_pad] + [all keys]
-        c, n_pad = layout[1], layout[2]
-
-        def fixed_concat(b, h, q_idx, kv_idx):
-            k = kv_idx - n_pad
-            summary = (kv_idx < n_pad) & (kv_idx < q_idx // c)
-            own_block = (kv_idx >= n_pad) & (k // c == q_idx // c) & (k <= q_idx)
-            return summary | own_block
-
-        return fixed_concat
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def _dense_mask(layout, q_len, kv_len, device):
-    def build():
-        q = torch.arange(q_len, device=device)[:, None]
-        k = torch.arange(kv_len, device=device)[None, :]
-        heads = layout[2] if layout[0] == "pattern" and layout[2] else 1
-        h = torch.arange(heads, device=device)[:, None, None]
-        mask = torch.as_tensor(_layout_mask_mod(layout)(0, h, q, k))
-        return torch.broadcast_to(mask, (heads, q_len, kv_len)).unsqueeze(0)  # (1, 1 | H, Lq, Lk)
-
-    return _cached(("dense", layout, q_len, kv_len, str(device)), build)
 
 
 def _block_tables(mask_mod, q_len, kv_len, device, block=FLEX_BLOCK):
@@ -151,7 +51,7 @@ def _kv_table(selected):
 
 def _block_mask(layout, q_len, kv_len, device):
     def build():
-        mask_mod = _layout_mask_mod(layout)
+        mask_mod = layout_mask_mod(layout)
         any_blocks, all_blocks = _block_tables(mask_mod, q_len, kv_len, device)
         partial_num, partial_idx = _kv_table(any_blocks & ~all_blocks)
         full_num, full_idx = _kv_table(all_blocks)
@@ -162,14 +62,15 @@ def _block_mask(layout, q_len, kv_len, device):
             partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, **kwargs
         )
 
-    return _cached(("block", layout, q_len, kv_len, str(device)), build)
-
+    return cached(("block", layout, q_len, kv_len, str(device)), build)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flex layouts. Each `_*_layout` function is pure (tensors and masks in, tensors out) and, on CUDA, compiled once
 # as a whole: the permutation copies, the summary concatenation and the LSE merge are fused by Inductor around the
 # flex kernels, and each function keeps its own dynamo cache (one entry per shape and mask).
 # ---------------------------------------------------------------------------------------------------------------
+
+
 def flex_available() -> bool:
     return flex_attention is not None
 
@@ -189,7 +90,7 @@ _COMPILED: dict = {}
 def _attend(q, k, v, mask, scale, engine):
     """``(out, lse)`` of `q` over `k`, `v`; `mask` is a BlockMask (engine "flex") or a boolean tensor ("math")."""
     if engine == "math":
-        return _math_attention(q, k, v, mask, scale)
+        return masked_attention(q, k, v, mask, scale)
     gqa = q.shape[1] != k.shape[1]
     out, aux = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, **_LSE_REQUEST)
     return out, (aux if isinstance(aux, torch.Tensor) else aux.lse)
@@ -263,7 +164,7 @@ def _run_layout(fn, engine, device, *args):
 
 
 def _layout_mask(layout, q_len, kv_len, device, engine):
-    return (_dense_mask if engine == "math" else _block_mask)(layout, q_len, kv_len, device)
+    return (dense_mask if engine == "math" else _block_mask)(layout, q_len, kv_len, device)
 
 
 def local_attention(query, key, value, window, scale, engine="flex"):
@@ -291,7 +192,7 @@ def local_strided_attention(query, key, value, window, stride, scale, engine="fl
 def head_split_attention(query, key, value, window, stride, scale, engine="flex"):
     """First half of the heads local(w), second half strided(s)."""
     if key.shape[1] % 2:
-        key, value = _expand_kv(key, query.shape[1]), _expand_kv(value, query.shape[1])
+        key, value = expand_kv(key, query.shape[1]), expand_kv(value, query.shape[1])
     T, L = query.shape[2], -(-query.shape[2] // stride) * stride
     local = _layout_mask(("local", window), T, T, query.device, engine)
     strided = _layout_mask(("class_causal", L // stride, 0), L, L, query.device, engine)
@@ -307,7 +208,8 @@ def fixed_attention(query, key, value, block, scale, engine="flex"):
     return _run_layout(_fixed_layout, engine, query.device, query, key, value, mask, scale, block, n_pad)
 
 
-def _flex_pattern(query, key, value, spec, scale, engine):
+def pattern_attention(query, key, value, spec, scale, engine="flex"):
+    """`spec`'s pattern (an `HSASpec`) on a plain causal sequence through its flex layout; ``(B, H, T, D)``."""
     if engine == "flex" and query.device.type == "cpu" and torch.is_grad_enabled():
         if any(x.requires_grad for x in (query, key, value)):
             raise NotImplementedError(
@@ -326,3 +228,31 @@ def _flex_pattern(query, key, value, spec, scale, engine):
     T = query.shape[2]  # dense through flex: only for comparisons
     mask = _layout_mask(("pattern", spec, 0), T, T, query.device, engine)
     return _run_layout(_local_layout, engine, query.device, query, key, value, mask, scale)[0]
+
+
+def flex_block_counts(spec, seq_len: int, device="cpu") -> tuple[int, int]:
+    """(128x128 blocks the flex kernel computes, blocks of plain causal attention) at this length, for one head
+    (head_split: mean of the two halves)."""
+    def count(layout, q_len, kv_len):
+        any_blocks, _ = _block_tables(layout_mask_mod(layout), q_len, kv_len, torch.device(device))
+        return int(any_blocks.sum())
+
+    n_cls = -(-seq_len // spec.stride)
+    strided = count(("class_causal", n_cls, 0), n_cls * spec.stride, n_cls * spec.stride)
+    if spec.head_split:
+        blocks = (count(("local", spec.window), seq_len, seq_len) + strided) // 2
+    elif spec.pattern == "local":
+        blocks = count(("local", spec.window), seq_len, seq_len)
+    elif spec.pattern == "strided":
+        blocks = strided
+    elif spec.pattern == "local_strided":
+        gap = -(-spec.window // spec.stride)
+        strided_rest = count(("class_causal", n_cls, gap), n_cls * spec.stride, n_cls * spec.stride)
+        blocks = count(("local", spec.window), seq_len, seq_len) + strided_rest
+    elif spec.pattern == "fixed":
+        n_pad = -(-(seq_len // spec.block) // FLEX_BLOCK) * FLEX_BLOCK
+        blocks = count(("fixed_concat", spec.block, n_pad), seq_len, n_pad + seq_len)
+    else:
+        blocks = count(("pattern", spec, 0), seq_len, seq_len)
+    nb = -(-seq_len // FLEX_BLOCK)
+    return blocks, nb * (nb + 1) // 2

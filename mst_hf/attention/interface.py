@@ -1,4 +1,4 @@
-"""Hybrid Sparse Attention as a transformers attention implementation named ``"mst_hsa"``.
+"""The transformers glue of Hybrid Sparse Attention: the attention implementation named ``"mst_hsa"``.
 
 Opt a model in with ``AutoModelForCausalLM.from_config(cfg, attn_implementation="mst_hsa")`` (or
 ``from_pretrained(...)``, ``model.set_attn_implementation("mst_hsa")``), then `configure_hsa` it; the trainer flips
@@ -13,7 +13,7 @@ return value to every layer. When HSA is active it returns an `HSAMask`: the arg
 
 - a dense layer: the model's own mask (``sdpa_mask``: ``None`` for plain causal), run by transformers' SDPA code;
 - a sparse layer on a plain causal sequence (no padding, no packing, no cache offset, no shorter sliding window):
-  the fast kernels of `mst_hf.attention_kernels` (on CUDA the fastest of flex / chunked / permuted SDPA, measured
+  the fast kernels of `mst_hf.attention.dispatch` (on CUDA the fastest of flex / chunked / permuted SDPA, measured
   once per shape; on CPU SDPA with a cached boolean mask);
 - a sparse layer otherwise (padding, packing, decoding with a cache): the model's boolean mask AND the pattern, run
   by SDPA. With padding the pattern is evaluated on real-token positions (cumulative sum of the
@@ -35,62 +35,23 @@ from transformers import AttentionInterface, AttentionMaskInterface, PretrainedC
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from .attention_kernels import BACKENDS, PatternSpec, hsa_attention, reference_attention
-from .patterns import PATTERNS
+from .dispatch import hsa_attention
+from .impl.reference import reference_attention
+from .patterns import BACKENDS, LAYER_CHOICES, HSASpec, check_active  # noqa: F401 (LAYER_CHOICES: public name)
 
 HSA_NAME = "mst_hsa"
 HSA_BACKEND_ENV = "MST_HSA_BACKEND"
-LAYER_CHOICES = ("all", "alternate")
-DEFAULT_HSA_STATE = {
-    "pattern": "local_strided",
-    "window": 128,
-    "stride": 128,
-    "block": 128,
-    "layers": "all",
-    "head_split": False,
-    "active": False,
-    "backend": "auto",
-}
+DEFAULT_HSA_STATE = HSASpec().to_state(active=False)  # what `configure_hsa(model)` stores
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # State on the config
 # ---------------------------------------------------------------------------------------------------------------
+
+
 def validate_hsa_state(state: dict) -> dict:
-    """Check an HSA state dict (one rule per key) and return it completed with the defaults."""
-    if not isinstance(state, dict):
-        raise TypeError(f"`config.mst_hsa` must be a dict, got {type(state).__name__}. Use configure_hsa(model, ...).")
-    unknown = set(state) - set(DEFAULT_HSA_STATE)
-    if unknown:
-        raise ValueError(f"Unknown HSA keys {sorted(unknown)}; valid keys: {sorted(DEFAULT_HSA_STATE)}.")
-    state = {**DEFAULT_HSA_STATE, **state}
-    if state["pattern"] not in PATTERNS:
-        raise ValueError(f"`pattern` must be one of {', '.join(PATTERNS)}, got {state['pattern']!r}.")
-    for name in ("window", "stride", "block"):
-        value = state[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    layers = state["layers"]
-    if isinstance(layers, str):
-        if layers not in LAYER_CHOICES:
-            raise ValueError(f"`layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
-    elif isinstance(layers, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-            raise ValueError(f"`layers` must list non-negative int layer indices, got {list(layers)!r}.")
-        state["layers"] = sorted(set(layers))
-    else:
-        raise ValueError(f"`layers` must be 'all', 'alternate' or a list of layer indices, got {layers!r}.")
-    for name in ("head_split", "active"):
-        if not isinstance(state[name], bool):
-            raise TypeError(f"`{name}` must be a bool, got {state[name]!r}.")
-    if state["head_split"] and state["pattern"] != "local_strided":
-        raise ValueError(
-            f"`head_split=True` splits heads between local and strided; it needs pattern='local_strided', "
-            f"got pattern={state['pattern']!r}."
-        )
-    if state["backend"] not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {state['backend']!r}.")
-    return state
+    """Check an HSA state dict (through `HSASpec.from_state`) and return it completed with the defaults."""
+    return HSASpec.from_state(state).to_state(state.get("active", False))
 
 
 def _find_config(model_or_config) -> PretrainedConfig:
@@ -117,34 +78,25 @@ def _configs(config: PretrainedConfig) -> list:
 
 def configure_hsa(
     model,
-    pattern: str = "local_strided",
-    window: int = 128,
-    stride: int = 128,
-    block: int = 128,
+    pattern: str = HSASpec.pattern,
+    window: int = HSASpec.window,
+    stride: int = HSASpec.stride,
+    block: int = HSASpec.block,
     layers="all",
     head_split: bool = False,
     active: bool = False,
-    backend: str = "auto",
+    backend: str = HSASpec.backend,
 ) -> dict:
-    """Validate the HSA settings and store them as ``config.mst_hsa`` (saved with the model). Returns the state.
+    """Validate the HSA settings (an `HSASpec`) and store them as ``config.mst_hsa`` (saved with the model).
+    Returns the state. ``configure_hsa(model, **spec.to_state())`` stores a given spec.
 
     `layers`: ``"all"``, ``"alternate"`` (even layers 0, 2, ... sparse, odd layers dense) or a list of indices.
-    `backend`: ``"auto"`` (default), ``"sdpa"`` (boolean mask), ``"flex"`` or ``"eager"`` (reference); the environment
-    variable ``MST_HSA_BACKEND`` overrides it. The model must run ``attn_implementation="mst_hsa"`` for any of it to
-    apply.
+    `backend`: ``"auto"`` (default), ``"sdpa"`` (boolean mask), ``"flex"``, ``"triton"`` or ``"eager"``
+    (reference); the environment variable ``MST_HSA_BACKEND`` overrides it. The model must run
+    ``attn_implementation="mst_hsa"`` for any of it to apply.
     """
-    state = validate_hsa_state(
-        {
-            "pattern": pattern,
-            "window": window,
-            "stride": stride,
-            "block": block,
-            "layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
-            "head_split": head_split,
-            "active": active,
-            "backend": backend,
-        }
-    )
+    spec = HSASpec(pattern, window, stride, block, layers, head_split, backend)
+    state = spec.to_state(active)
     for config in _configs(_find_config(model)):
         config.mst_hsa = dict(state)
     return dict(state)
@@ -152,8 +104,7 @@ def configure_hsa(
 
 def set_hsa_active(model, active: bool) -> None:
     """Switch the configured pattern on or off (cheap: flips ``config.mst_hsa["active"]``)."""
-    if not isinstance(active, bool):
-        raise TypeError(f"`active` must be a bool, got {active!r}.")
+    check_active(active)
     configs = _configs(_find_config(model))
     if getattr(configs[0], HSA_NAME, None) is None:
         raise ValueError("This model has no HSA state: call configure_hsa(model, ...) first.")
@@ -167,37 +118,35 @@ def get_hsa_state(model_or_config) -> dict | None:
     return None if state is None else validate_hsa_state(dict(state))
 
 
-def _backend(state: dict) -> str:
-    backend = os.environ.get(HSA_BACKEND_ENV) or state["backend"]
+def get_hsa_spec(model_or_config) -> HSASpec | None:
+    """The `HSASpec` stored on a model (or config), or None when it has none."""
+    state = getattr(_find_config(model_or_config), HSA_NAME, None)
+    return None if state is None else HSASpec.from_state(state)
+
+
+def _backend(spec: HSASpec) -> str:
+    backend = os.environ.get(HSA_BACKEND_ENV) or spec.backend
     if backend not in BACKENDS:
         raise ValueError(f"{HSA_BACKEND_ENV}={backend!r} is not a backend; valid: {', '.join(BACKENDS)}.")
     return backend
 
 
-def _layer_is_sparse(state: dict, layer_idx) -> bool:
-    layers = state["layers"]
-    if layers == "all" or layer_idx is None:
-        return True
-    if layers == "alternate":
-        return layer_idx % 2 == 0
-    return layer_idx in layers
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The mask object and the two registered functions
 # ---------------------------------------------------------------------------------------------------------------
+
+
 class HSAMask:
     """Returned by the "mst_hsa" mask function while HSA is active; every layer picks its mask from it.
 
     Holds the arguments transformers gave the mask function (so the model's own mask, ``sdpa_mask(**args)``, is
-    rebuilt exactly) and the HSA state. Masks are built lazily, once per forward.
+    rebuilt exactly) and the `HSASpec`. Masks are built lazily, once per forward.
     """
 
     ndim = 4  # lets transformers' mask preprocessing pass a precomputed HSAMask through (generate, static cache)
 
-    def __init__(self, state: dict, mask_args: dict):
-        self.state = state
-        self.spec = PatternSpec(*(state[key] for key in ("pattern", "window", "stride", "block", "head_split")))
+    def __init__(self, spec: HSASpec, mask_args: dict):
+        self.spec = spec
         self.mask_args = mask_args
         self.structured = self._is_plain_causal()
         self._dense = None
@@ -279,10 +228,10 @@ def hsa_mask_interface(
     # bidirectional masks (encoder / cross attention) are never made sparse
     if state is None or "allow_is_bidirectional_skip" in kwargs:
         return sdpa_mask(**args)
-    state = validate_hsa_state(dict(state))
-    if not state["active"]:
+    spec = HSASpec.from_state(state)
+    if not check_active(state.get("active", False)):
         return sdpa_mask(**args)
-    return HSAMask(state, args)
+    return HSAMask(spec, args)
 
 
 def hsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -291,16 +240,16 @@ def hsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if not isinstance(attention_mask, HSAMask):  # HSA off, or a 4-D mask supplied by the caller: plain SDPA
         mask = attention_mask
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    hsa, state = attention_mask, attention_mask.state
-    sparse = state["pattern"] != "dense" and _layer_is_sparse(state, getattr(module, "layer_idx", None))
+    hsa, spec = attention_mask, attention_mask.spec
+    sparse = spec.pattern != "dense" and spec.layer_is_sparse(getattr(module, "layer_idx", None))
     if not sparse or not getattr(module, "is_causal", True):
         mask = hsa.dense_mask()
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    backend = _backend(state)
-    if hsa.spec.head_split and query.shape[1] % 2:
+    backend = _backend(spec)
+    if spec.head_split and query.shape[1] % 2:
         raise ValueError(f"`head_split=True` needs an even number of attention heads, got {query.shape[1]}.")
     if hsa.structured and query.shape[2] > 1:
-        out = hsa_attention(query, key, value, hsa.spec, scaling, backend, dropout)  # (B, H, T, D)
+        out = hsa_attention(query, key, value, spec, scaling, backend, dropout)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous(), None
     mask = hsa.sparse_mask(query.shape[1])
     if backend == "eager":
@@ -314,5 +263,3 @@ def register() -> None:
     AttentionInterface.register(HSA_NAME, hsa_attention_forward)
     AttentionMaskInterface.register(HSA_NAME, hsa_mask_interface)
 
-
-register()

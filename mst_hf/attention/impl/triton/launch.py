@@ -22,35 +22,39 @@ and no head split here: those use the other kernels.
 """
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .attention_triton_kernels import (
-    BLOCK_CAUSAL,
-    CLASS_MAJOR,
-    LOCAL,
-    NATURAL,
-    STRIDED,
-    _bwd_dkdv_kernel,
-    _bwd_dq_kernel,
-    _bwd_self_kernel,
-    _fwd_kernel,
-    triton,
-)
-
+LOCAL, BLOCK_CAUSAL, STRIDED = 0, 1, 2  # mask kinds (the kernels' MASK constant)
+NATURAL, CLASS_MAJOR = 0, 1  # index -> token maps (the kernels' MAP constant)
 LOG2E = 1.4426950408889634
 TRITON_PATTERNS = ("local", "strided", "local_strided", "fixed")
 # launch parameters, chosen by the sweep in bench/triton_tune.py on an H200 (docs/attention_benchmark.md)
 LAUNCH = {"num_warps": 4, "num_stages": 2, "bm": 64, "bn": 64, "cls_tile": 64}
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the `triton` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device) -> bool:
     """Whether the Triton kernel can run on `device`: CUDA with triton installed, or the Triton interpreter."""
-    if triton is None:
+    if not triton_installed():
         return False
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels():
+    """The device code module, imported on first use (importing triton reads TRITON_INTERPRET once)."""
+    from . import kernels
+
+    return kernels
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ def _pow2_tile(n: int, largest: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def plan_parts(spec, seq_len: int, launch: tuple = ()) -> tuple:
-    """The parts that compute `spec` (a `PatternSpec`) at this length (`launch`: LAUNCH items, for the cache)."""
+    """The parts that compute `spec` (an `HSASpec`) at this length (`launch`: LAUNCH items, for the cache)."""
     if spec.pattern not in TRITON_PATTERNS or spec.head_split:
         raise NotImplementedError(
             f"The triton kernel computes the patterns {TRITON_PATTERNS} without head_split (got {spec}); "
@@ -133,7 +137,7 @@ def _meta(part, dtype, head_dim):
     """Compile-time constants and launch options of `part` (cached: launches are host-bound at short lengths)."""
     return dict(
         MASK=part.mask, MAP=part.map, HAS_SUM=part.n_sum > 0, IEEE=dtype == torch.float32, BM=part.bm, BN=part.bn,
-        BS=part.bs, BD=max(16, triton.next_power_of_2(head_dim)), D=head_dim,
+        BS=part.bs, BD=max(16, _kernels().triton.next_power_of_2(head_dim)), D=head_dim,
         num_warps=part.num_warps, num_stages=part.num_stages,
     )
 
@@ -150,8 +154,9 @@ class _TritonHSA(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # log2 units
         head = (*q.stride()[:3], scale * LOG2E, scale, H, T)
+        kernels = _kernels()
         for i, part in enumerate(parts):  # a later part reads and rewrites the rows of `out` it owns
-            _fwd_kernel[(part.q_tiles, B * H)](
+            kernels._fwd_kernel[(part.q_tiles, B * H)](
                 q, k, v, out, lse, *head, *part.scalars, CONTINUE=i > 0, **_meta(part, q.dtype, D)
             )
         ctx.save_for_backward(q, k, v, out, lse)
@@ -165,14 +170,15 @@ class _TritonHSA(torch.autograd.Function):
         delta = torch.empty_like(lse)  # rowsum(dO * O), written by the first part's backward kernel
         dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
         BH = q.shape[0] * q.shape[1]
+        kernels = _kernels()
         for i, part in enumerate(ctx.parts):
             meta = dict(ACCUM=i > 0, **_meta(part, q.dtype, q.shape[3]))
             args = (*ctx.head, *part.scalars)
             if part.self_contained:
-                _bwd_self_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, dk, dv, *args, **meta)
+                kernels._bwd_self_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, dk, dv, *args, **meta)
                 continue
-            _bwd_dq_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, *args, **meta)
-            _bwd_dkdv_kernel[(part.k_programs, BH)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
+            kernels._bwd_dq_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, *args, **meta)
+            kernels._bwd_dkdv_kernel[(part.k_programs, BH)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
         return dq, dk, dv, None, None
 
 
@@ -185,7 +191,7 @@ def _dense(x) -> bool:
 def triton_attention(query, key, value, spec, scale=None) -> torch.Tensor:
     """`spec`'s pattern on a plain causal sequence: ``(B, H, T, D)`` in and out, the output in the query's memory
     layout. Grouped-query keys and values are repeated to the query heads."""
-    if triton is None:
+    if not triton_installed():
         raise NotImplementedError("The triton kernel needs the `triton` package (it ships with CUDA builds of torch).")
     if key.shape[1] != query.shape[1]:
         rep = query.shape[1] // key.shape[1]

@@ -5,8 +5,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from mst_hf.patterns import (
+from mst_hf.attention.patterns import (
     PATTERNS,
+    HSASpec,
     attention_density,
     generate_dense_causal_mask,
     generate_fixed_mask,
@@ -132,3 +133,70 @@ def test_bad_inputs_raise(call, error):
 def test_unknown_pattern_error_lists_valid_names():
     with pytest.raises(ValueError, match="local_strided"):
         pattern_mask_fn("sliding")
+
+
+# --- HSASpec: the one validator of HSA settings ------------------------------------------------------------------
+BAD_SPECS = [
+    (dict(pattern="sliding"), ValueError, "`pattern`"),
+    (dict(window=0), ValueError, "`window`"),
+    (dict(stride=2.0), ValueError, "`stride`"),
+    (dict(block=True), ValueError, "`block`"),
+    (dict(layers="odd"), ValueError, "`layers`"),
+    (dict(layers=[0, -1]), ValueError, "`layers`"),
+    (dict(layers=3), ValueError, "`layers`"),
+    (dict(head_split=1), TypeError, "`head_split`"),
+    (dict(head_split=True, pattern="fixed"), ValueError, "`head_split=True`"),
+    (dict(backend="cuda_graphs"), ValueError, "`backend`"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,field", BAD_SPECS, ids=[str(k) for k, _, _ in BAD_SPECS])
+def test_hsa_spec_refuses_bad_settings_naming_the_field(kwargs, error, field):
+    with pytest.raises(error, match=field):
+        HSASpec(**kwargs)
+
+
+def test_hsa_spec_from_config_names_the_flat_field():
+    class Flat:  # what MSTConfig looks like to HSASpec: flat hsa_* attributes, no hsa_backend
+        hsa_pattern, hsa_window, hsa_stride, hsa_block, hsa_layers, hsa_head_split = "local", 0, 8, 8, "all", False
+
+    with pytest.raises(ValueError, match="`hsa_window`"):
+        HSASpec.from_config(Flat)
+    Flat.hsa_window = 5
+    assert HSASpec.from_config(Flat) == HSASpec("local", 5, 8, 8)
+
+
+def test_hsa_spec_layers_are_normalised_and_hashable():
+    spec = HSASpec("local", layers=[3, 1, 3])
+    assert spec.layers == (1, 3) and hash(spec) == hash(HSASpec("local", layers=(1, 3)))
+    assert [spec.layer_is_sparse(i) for i in range(4)] == [False, True, False, True]
+    assert HSASpec(layers="alternate").sparse_layers(5) == (0, 2, 4)
+    with pytest.raises(ValueError, match="hsa_layers"):
+        spec.sparse_layers(2)
+
+
+def test_hsa_spec_state_round_trip_and_checks():
+    spec = HSASpec("fixed", block=5, layers=[0])
+    state = spec.to_state(active=True)
+    assert state == {"pattern": "fixed", "window": 128, "stride": 128, "block": 5, "layers": [0],
+                     "head_split": False, "backend": "auto", "active": True}
+    assert HSASpec.from_state(state) == spec
+    with pytest.raises(ValueError, match="Unknown HSA keys"):
+        HSASpec.from_state({"pattern": "local", "windw": 8})
+    with pytest.raises(TypeError, match="`active`"):
+        HSASpec.from_state({"active": "yes"})
+    with pytest.raises(TypeError, match="dict"):
+        HSASpec.from_state(["local"])
+
+
+def test_hsa_spec_density_is_the_exact_count():
+    spec = HSASpec("local", window=4)
+    brute = sum(min(q + 1, 4) for q in range(10)) / sum(q + 1 for q in range(10))
+    assert spec.density(10) == pytest.approx(brute, rel=1e-12)
+    assert spec.mean_attended_keys(10) == pytest.approx(sum(min(q + 1, 4) for q in range(10)) / 10, rel=1e-12)
+
+
+def test_mst_config_defaults_are_the_spec_defaults():
+    from mst_hf import MSTConfig
+
+    assert HSASpec.from_config(MSTConfig()) == HSASpec()

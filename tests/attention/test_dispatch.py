@@ -1,0 +1,106 @@
+"""Backend choice: the candidates of `auto`, its measurement (once, RNG untouched, failures dropped with a
+warning), its behaviour while compiling, and a CUDA end-to-end check."""
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+import mst_hf.attention
+import mst_hf.attention.dispatch as kernels
+from mst_hf.attention import HSASpec
+from mst_hf.attention.dispatch import auto_candidates, run_kernel
+from mst_hf.attention.impl.reference import reference_attention
+
+from .helpers import model_layout, vector_mask
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_triton_is_not_imported_at_module_level_by_the_package():
+    """Only impl/triton/kernels.py (loaded on the kernel's first run) may import triton at its top level."""
+    root = pathlib.Path(mst_hf.attention.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "kernels.py" and path.parent.name == "triton":
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(m.split(".")[0] == "triton" or m.strip(".").split(".")[-1] == "kernels" for m in modules):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
+
+
+def test_triton_available_checks_that_triton_can_be_imported(monkeypatch):
+    from mst_hf.attention.impl.triton import launch
+
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    launch.triton_installed.cache_clear()
+    try:
+        assert not launch.triton_available("cuda")
+    finally:
+        launch.triton_installed.cache_clear()
+
+
+def test_auto_on_cpu_uses_the_boolean_mask_and_kernels_refuse_other_patterns():
+    spec = HSASpec("local", window=4)
+    assert auto_candidates(spec, 256, 64, "cpu") == ["sdpa_bool"]
+    assert auto_candidates(HSASpec("dense"), 256, 64, "cpu") == ["sdpa_causal"]
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="does not compute"):
+        run_kernel("perm_sdpa", q, q, q, spec)
+
+
+def test_auto_measures_candidates_once_keeps_rng_and_drops_failing_ones(monkeypatch):
+    calls = []
+    real_run = kernels.run_kernel
+
+    def counting_run(kernel, *args, **kwargs):
+        calls.append(kernel)
+        if kernel == "perm_sdpa":
+            raise RuntimeError("out of memory")
+        return real_run(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "auto_candidates", lambda *a, **k: ["perm_sdpa", "chunk_sdpa", "sdpa_bool"])
+    monkeypatch.setattr(kernels, "run_kernel", counting_run)
+    q = model_layout(1, 2, 32, 16)
+    spec = HSASpec("local", window=4)
+    rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="dropped kernel 'perm_sdpa'.*out of memory"):
+        choice = kernels.auto_kernel(q, q, q, spec)
+    assert choice in ("chunk_sdpa", "sdpa_bool")
+    assert torch.equal(torch.get_rng_state(), rng)
+    measured = len(calls)
+    assert kernels.auto_kernel(q, q, q, spec) == choice and len(calls) == measured  # cached: no new runs
+
+
+def test_auto_inside_torch_compile_skips_triton_and_measures_nothing(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels, "_measure", lambda *a, **k: pytest.fail("measured while tracing"))
+    q = model_layout(1, 2, 32, 16)
+    spec = HSASpec("local", window=4)
+    monkeypatch.setattr(kernels, "auto_candidates", lambda *a, **k: ["triton", "chunk_sdpa", "sdpa_bool"])
+    assert kernels.auto_kernel(q, q, q, spec) == "chunk_sdpa"
+    monkeypatch.setattr(kernels, "auto_candidates", lambda *a, **k: ["triton"])
+    assert kernels.auto_kernel(q, q, q, spec) == "sdpa_bool"
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_auto_picks_a_candidate_and_stays_correct():
+    spec = HSASpec("local", window=128)
+    q, k, v = (model_layout(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    choice = kernels.auto_kernel(q, k, v, spec)
+    assert choice in auto_candidates(spec, 1024, 64, "cuda")
+    expected = reference_attention(q, k, v, vector_mask("local", 1024, window=128, heads=1).cuda())
+    assert relative_error(kernels.hsa_attention(q, k, v, spec), expected) < 1e-2
