@@ -1,69 +1,71 @@
 #!/usr/bin/env python
-"""Causal language modelling with Mixed Sparsity Training.
+"""Causal language modelling (GPT-2, Llama, Qwen, ... from scratch or from a checkpoint) with Mixed Sparsity
+Training.
 
-This is the usual shape of transformers' ``run_clm.py`` (model/data/training argument dataclasses, tokenize,
-``group_texts`` into blocks, ``Trainer``, perplexity = exp(eval loss)) plus one feature, MST. Every line that MST
-adds or changes carries a ``# MST`` comment.
+This script has the shape and the arguments of transformers' ``run_clm.py`` (model / data / training argument
+dataclasses parsed by ``HfArgumentParser``, tokenize, ``group_texts`` into blocks, ``--do_train`` / ``--do_eval``,
+resume, perplexity = exp(eval loss), model card or ``--push_to_hub``) and adds Mixed Sparsity Training. Every line
+that differs from it for MST is marked ``# MST``: ``grep -n "# MST" examples/run_clm_mst.py``.
 
-With no data or model argument it trains a small GPT-2 on the text shipped with ``mst_hf`` (Moby-Dick and the
-GPT-2 tokenizer), offline, in about four and a half minutes on 2 CPU cores, and writes the model,
-``mst_output/summary.{json,md}``, ``mst_output/trace.json`` and ``mst_output/schedule.png``::
+With no argument at all it trains and evaluates a small GPT-2 on the text shipped with ``mst_hf`` (Moby-Dick and
+the GPT-2 tokenizer), offline, in about four minutes on 2 CPU cores, and writes the model with its MST files,
+``summary.{json,md}``, ``trace.json`` and ``schedule.png`` into ``mst_output/``::
 
     python examples/run_clm_mst.py
-    python examples/run_clm_mst.py --compare_dense          # also trains the dense baseline
-    python examples/run_clm_mst.py args.json                # all arguments from a JSON file
+    python examples/run_clm_mst.py --compare_dense              # also trains the dense baseline
+    python examples/run_clm_mst.py args.json                    # all arguments from a JSON file
+    python examples/run_clm_mst.py --save_strategy steps --save_steps 50    # checkpoints; after a stop:
+    python examples/run_clm_mst.py --save_strategy steps --save_steps 50 --resume_from_checkpoint DIR/checkpoint-100
+    python examples/run_clm_mst.py --do_eval --model_name_or_path mst_output --output_dir /tmp/eval  # evaluate only
     accelerate launch --num_processes 2 examples/run_clm_mst.py --report_to tensorboard   # on 2 GPUs
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/run_clm_mst.py --use_cpu \
-        --ddp_backend gloo                                  # 2 CPU processes (see docs/example.md)
 
-The FLOP reduction it reports is *counted* (matmul FLOPs of the masked weights and of the attention pattern, the
-paper's convention), not measured time: dense kernels run the masked weights at full cost.
+It needs the example extra: ``pip install -e ".[example]"``. The FLOP reduction it reports is *counted* (matmul
+FLOPs of the masked weights and of the attention pattern, the paper's convention), not a measured time.
 """
 
 import copy
-import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import chain
 
-import datasets
-import evaluate
-import numpy as np
 import psutil
 import torch
 import transformers
-from datasets import DatasetDict, load_dataset, load_from_disk
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    Trainer,
-    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils.versions import require_version
 
-import mst_hf  # MST
-from mst_hf import MSTConfig, MSTTrainer, schedule  # MST
-from mst_hf.embedded import embedded_tokenizer, load_embedded_dataset  # MST
-from mst_hf.metrics import TOKEN_ACCURACY_PATH  # MST
-from mst_hf.plan import plan_run  # MST
-from mst_hf.plotting import plot_schedule  # MST
+require_version("datasets>=3.0", 'To fix: pip install -e ".[example]"')
+require_version("evaluate>=0.4", 'To fix: pip install -e ".[example]"')
+
+import datasets  # noqa: E402
+import evaluate  # noqa: E402
+from datasets import DatasetDict, load_dataset, load_from_disk  # noqa: E402
+
+from mst_hf import MSTTrainer, reporting  # noqa: E402  # MST
+from mst_hf.arguments import mst_arguments_dataclass, to_mst_config  # noqa: E402  # MST
+from mst_hf.embedded import embedded_tokenizer, load_embedded_dataset  # noqa: E402  # MST
+from mst_hf.metrics import TOKEN_ACCURACY_PATH  # noqa: E402  # MST
 
 logger = logging.getLogger(__name__)
 
-# The embedded default run (no model and no data argument): a small GPT-2 on Moby-Dick, a few minutes on 2 CPU cores.
+# MST: the embedded default run (no model and no data argument): a small GPT-2 on Moby-Dick, minutes on 2 CPU cores.
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_GPT2_OVERRIDES = "n_layer=4,n_head=4,n_embd=128,attn_pdrop=0.0,resid_pdrop=0.0,embd_pdrop=0.0"
-# Training defaults of this script (any of them can be passed on the command line or in the JSON file).
+# MST: training defaults of this script (each can be given on the command line or in the JSON file).
 EXAMPLE_DEFAULTS = {
     "output_dir": "mst_output",
     "max_steps": 200,
@@ -84,7 +86,7 @@ EXAMPLE_DEFAULTS = {
 
 @dataclass
 class ModelArguments:
-    """Which model/config/tokenizer to train from (or train from scratch)."""
+    """Which model, config and tokenizer to train from, or train from scratch."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Folder (or Hub id) of a pretrained model; unset: train from scratch."}
@@ -108,10 +110,8 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub to run."})
     dtype: str | None = field(
         default=None,
-        metadata={
-            "help": "dtype to load a pretrained model in.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
-        },
+        metadata={"help": "dtype to load a pretrained model in.",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
 
     def __post_init__(self):
@@ -164,193 +164,64 @@ class DataTrainingArguments:
             )
 
 
-@dataclass
-class MSTArguments:  # MST
-    """Mixed Sparsity Training: every field maps to the `MSTConfig` field without the `mst_` prefix. Unset (None)
-    fields take the preset's value, else the `MSTConfig` default; `mst_update_interval` and the HSA window/stride,
-    when unset, are scaled to the run (see `build_mst_config`)."""
+# MST: one --mst_<field> flag per MSTConfig field, generated from the config (help text from its field metadata),
+# plus this script's own two flags.
+MSTArguments = mst_arguments_dataclass(
+    extra_fields=[
+        ("compare_dense", bool, field(
+            default=False, metadata={"help": "Also train the dense baseline (plain Trainer, same data and steps)."})),
+        ("mst_mask_digest_file", str | None, field(
+            default=None,
+            metadata={"help": "Every rank appends a JSON line {rank, step, digest} to PATH.rank<r> after each "
+                              "topology update (to check that ranks agree)."})),
+    ]
+)
 
-    mst_preset: str | None = field(default=None, metadata={"help": f"Start from a preset: {sorted(mst_hf.PRESETS)}."})
-    mst_initial_sparsity: float | None = field(default=None, metadata={"help": "Sparsity at step 0 (default 0.0)."})
-    mst_ultra_sparsity: float | None = field(default=None, metadata={"help": "Sparsity of the ultra phase (0.9)."})
-    mst_final_sparsity: float | None = field(default=None, metadata={"help": "Sparsity at the end (0.0: dense)."})
-    mst_warmup_ratio: float | None = field(default=None, metadata={"help": "Warm-up share of the steps (0.1)."})
-    mst_restoration_ratio: float | None = field(default=None, metadata={"help": "Restoration share (0.2)."})
-    mst_warmup_curve: str | None = field(default=None, metadata={"help": "cubic, linear or cosine."})
-    mst_restoration_curve: str | None = field(default=None, metadata={"help": "cubic, linear or cosine."})
-    mst_update_interval: int | None = field(
-        default=None,
-        metadata={"help": "Steps between topology updates. Default: 100, or max_steps // 25 under 2500 steps."},
-    )
-    mst_drop_fraction: float | None = field(default=None, metadata={"help": "zeta_0, share dropped per update (0.3)."})
-    mst_drop_fraction_schedule: str | None = field(
-        default=None, metadata={"help": "cosine, cosine_per_phase or constant."}
-    )
-    mst_grow_method: str | None = field(
-        default=None,
-        metadata={
-            "help": "gradient, random or mixed; or per phase, e.g. `warmup=gradient,ultra=mixed,restoration=gradient`."
-        },
-    )
-    mst_mixed_gradient_fraction: float | None = field(default=None, metadata={"help": "Gradient share of mixed."})
-    mst_sparsity_distribution: str | None = field(default=None, metadata={"help": "erdos_renyi or uniform."})
-    mst_target_modules: str | None = field(
-        default=None, metadata={"help": "Comma-separated module-name suffixes to sparsify (default: per model type)."}
-    )
-    mst_exclude_modules: str | None = field(default=None, metadata={"help": "Comma-separated suffixes to keep dense."})
-    mst_sparsify_lm_head: bool | None = field(default=None, metadata={"help": "Sparsify the LM head (True)."})
-    mst_seed: int | None = field(default=None, metadata={"help": "Seed of the random growth (0)."})
-    mst_hsa_pattern: str | None = field(
-        default=None, metadata={"help": "dense, local, strided, local_strided (default) or fixed."}
-    )
-    mst_hsa_window: int | None = field(
-        default=None, metadata={"help": "Local window. Default: 128, or block_size // 8 for blocks under 1024."}
-    )
-    mst_hsa_stride: int | None = field(
-        default=None, metadata={"help": "Stride. Default: 128, or block_size // 8 for blocks under 1024."}
-    )
-    mst_hsa_block: int | None = field(
-        default=None, metadata={"help": "Block of the fixed pattern. Default: 128, or block_size // 8 under 1024."}
-    )
-    mst_hsa_phases: str | None = field(default=None, metadata={"help": "Comma-separated phases with HSA (ultra)."})
-    mst_hsa_layers: str | None = field(
-        default=None, metadata={"help": "all, alternate, or comma-separated layer indices (all)."}
-    )
-    mst_hsa_head_split: bool | None = field(default=None, metadata={"help": "Half the heads local, half strided."})
-    compare_dense: bool = field(
-        default=False, metadata={"help": "Also train the dense baseline (plain Trainer, same data and steps)."}
-    )
-    mst_mask_digest_file: str | None = field(
-        default=None,
-        metadata={"help": "Every rank appends a JSON line {rank, step, digest} to PATH.rank<r> after each update."},
-    )
+HELP_DESCRIPTION = (  # MST: --help lists the MST flags first, then run_clm.py's own, then TrainingArguments'
+    "Train a causal LM with Mixed Sparsity Training. Flags: first the MST ones (--mst_*, --compare_dense), then "
+    "the model and data ones of transformers' run_clm.py, then every transformers.TrainingArguments flag. With "
+    "no argument: a small GPT-2 on the shipped Moby-Dick text, offline."
+)
 
 
-# ---------------------------------------------------------------------------------------------------------- MST config
-def _comma_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _parse_grow_method(value: str):
-    if "=" not in value:
-        return value
-    pairs = [item.split("=", 1) for item in _comma_list(value)]
-    return {phase.strip(): method.strip() for phase, method in pairs}
-
-
-def _parse_layers(value: str):
-    if value in ("all", "alternate"):
-        return value
-    try:
-        return [int(i) for i in _comma_list(value)]
-    except ValueError as err:
-        raise ValueError(
-            f"`--mst_hsa_layers` must be all, alternate or comma-separated layer indices like 0,2, got {value!r}."
-        ) from err
-
-
-_MST_PARSERS = {
-    "grow_method": _parse_grow_method,
-    "target_modules": _comma_list,
-    "exclude_modules": _comma_list,
-    "hsa_phases": _comma_list,
-    "hsa_layers": _parse_layers,
-}
-
-
-def build_mst_config(mst_args: MSTArguments, max_steps: int, block_size: int) -> MSTConfig:  # MST
-    """The `MSTConfig` of the run: preset, then the explicit `--mst_*` values, then run-scaled defaults for the
-    update interval (about 25 updates in runs under 2500 steps) and the HSA window/stride/block (block_size // 8,
-    the paper's 128 at 1024). A bad value raises the config's error, prefixed with the command-line flag."""
-    if mst_args.mst_preset is not None and mst_args.mst_preset not in mst_hf.PRESETS:
-        raise ValueError(f"`--mst_preset` must be one of {sorted(mst_hf.PRESETS)}, got {mst_args.mst_preset!r}.")
-    fields = copy.deepcopy(mst_hf.PRESETS[mst_args.mst_preset]) if mst_args.mst_preset else {}
-    for name, value in asdict(mst_args).items():
-        if not name.startswith("mst_") or name in ("mst_preset", "mst_mask_digest_file") or value is None:
-            continue
-        key = name[len("mst_"):]
-        fields[key] = _MST_PARSERS[key](value) if key in _MST_PARSERS else value
-    if "update_interval" not in fields:
-        fields["update_interval"] = min(100, max(1, max_steps // 25))
-    for name in ("hsa_window", "hsa_stride", "hsa_block"):
-        if name not in fields and block_size < 1024:
-            fields[name] = max(1, block_size // 8)
-    try:
-        return MSTConfig(**fields)
-    except (ValueError, TypeError) as err:
-        flag = next((f"--mst_{k}" for k in fields if f"`{k}" in str(err)), "--mst_*")
-        raise type(err)(f"{flag}: {err}") from err
-
-
-class MaskDigestCallback(TrainerCallback):  # MST
-    """After every topology update, append ``{"rank", "step", "digest"}`` to ``PATH.rank<r>`` (one JSON line), so
-    that runs on several processes can be checked for identical masks."""
-
-    def __init__(self, controller, path: str, rank: int):
-        self.controller, self.path, self.rank, self.seen = controller, f"{path}.rank{rank}", rank, 0
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        open(self.path, "w").close()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        history = self.controller.history
-        if len(history) > self.seen:
-            with open(self.path, "a", encoding="utf-8") as f:
-                for record in history[self.seen:]:
-                    line = {"rank": self.rank, "step": record["step"], "digest": self.controller.masks.digest()}
-                    f.write(json.dumps(line) + "\n")
-            self.seen = len(history)
-
-
-class MSTTraceCallback(TrainerCallback):  # MST
-    """Record the run step by step, in the layout of `mst_hf.plan.Plan.trace()` (entry ``t`` describes optimizer step
-    ``t``: the schedule's target, the sparsity of the masks in force during the step, its attention density, and the
-    cumulative counted FLOPs through it), for `mst_hf.plotting.plot_schedule` and ``trace.json``."""
-
-    KEYS = ("step", "target_sparsity", "sparsity", "attention_density", "mst_cumulative_flops",
-            "dense_cumulative_flops")
-
-    def __init__(self, controller, mst_config: MSTConfig):
-        self.controller, self.mst_config = controller, mst_config
-        self.trace = {key: [] for key in self.KEYS}
-        self.in_force = controller.masks.sparsity()  # sparsity of the masks the next step runs with
-
-    def on_step_end(self, args, state, control, **kwargs):
-        step, flops = state.global_step - 1, self.controller.flops.metrics()
-        row = (step, schedule.target_sparsity(step, state.max_steps, self.mst_config), self.in_force,
-               flops["mst/attention_density"], flops["mst/total_flops"], flops["mst/dense_total_flops"])
-        for key, value in zip(self.KEYS, row):
-            self.trace[key].append(value)
-        self.in_force = self.controller.masks.sparsity()  # after this step's topology update, if any
-
-    def arrays(self, total_steps: int) -> dict:
-        return {**{k: np.asarray(v) for k, v in self.trace.items()},
-                "phase_bounds": schedule.phase_bounds(total_steps, self.mst_config)}
-
-
-# ---------------------------------------------------------------------------------------------------------- arguments
 def parse_arguments(argv: list[str] | None = None):
-    """``HfArgumentParser`` over the four dataclasses; a single ``.json`` argument is a config file. The script's
-    own defaults (``EXAMPLE_DEFAULTS``) apply unless given; ``max_steps`` is dropped when epochs are asked for."""
+    """``HfArgumentParser`` over the argument dataclasses; a single ``.json`` argument is a config file.
+    Returns ``(model_args, data_args, training_args, mst_args)``."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, MSTArguments))  # MST
-    defaults = dict(EXAMPLE_DEFAULTS)
+    parser = HfArgumentParser(  # MST: the MST arguments first, so that --help shows them first
+        (MSTArguments, ModelArguments, DataTrainingArguments, TrainingArguments),
+        description=HELP_DESCRIPTION, usage="%(prog)s [--mst_* ...] [run_clm.py and TrainingArguments flags] | "
+        "%(prog)s args.json",
+    )
+    defaults = dict(EXAMPLE_DEFAULTS)  # MST: this script's defaults
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as f:
-            values = json.load(f)
-        if "num_train_epochs" in values:
-            defaults.pop("max_steps")
-        return parser.parse_dict({**defaults, **values})
-    if any(arg.split("=")[0] == "--num_train_epochs" for arg in argv):
+            given = json.load(f)
+        mst_args, model_args, data_args, training_args = parser.parse_dict(_with_defaults(defaults, given))
+    else:
+        flags = {arg.split("=")[0].lstrip("-").replace("-", "_"): None for arg in argv if arg.startswith("--")}
+        parser.set_defaults(**_with_defaults(defaults, flags, only_defaults=True))
+        mst_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, mst_args
+
+
+def _with_defaults(defaults: dict, given: dict, only_defaults: bool = False) -> dict:  # MST
+    """The script's defaults under the given arguments: ``max_steps`` is dropped when epochs are asked for, and with
+    neither ``do_train`` nor ``do_eval`` given both are on (run_clm.py does nothing then; this script's no-argument
+    run trains and evaluates)."""
+    defaults = dict(defaults)
+    if "num_train_epochs" in given:
         defaults.pop("max_steps")
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
+    if "do_train" not in given and "do_eval" not in given:
+        defaults.update(do_train=True, do_eval=True)
+    return defaults if only_defaults else {**defaults, **given}
 
 
-def uses_embedded_data(data_args: DataTrainingArguments) -> bool:
+def uses_embedded_data(data_args: DataTrainingArguments) -> bool:  # MST
     return data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None
 
 
-def uses_embedded_model(model_args: ModelArguments) -> bool:
+def uses_embedded_model(model_args: ModelArguments) -> bool:  # MST
     return model_args.model_name_or_path is None and model_args.config_name is None and model_args.model_type is None
 
 
@@ -360,7 +231,6 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     or (no data argument) the Moby-Dick text shipped with mst_hf."""
     if uses_embedded_data(data_args):  # MST: the shipped corpus, offline
         return load_embedded_dataset(validation_fraction=data_args.validation_split_percentage / 100)
-    split = data_args.validation_split_percentage
     if data_args.dataset_name is not None:
         if os.path.isdir(data_args.dataset_name):
             raw = load_from_disk(data_args.dataset_name)
@@ -383,7 +253,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         if "train" not in raw:
             raise ValueError("`--validation_file` needs a `--train_file` too (or use `--dataset_name`).")
     if "validation" not in raw:
-        held_out = raw["train"].train_test_split(test_size=split / 100, shuffle=False)
+        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, shuffle=False)
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
     return raw
 
@@ -395,7 +265,7 @@ def tokenize_and_group(raw: DatasetDict, tokenizer, data_args: DataTrainingArgum
     if text_column not in columns:
         raise ValueError(f"`--text_column_name` {text_column!r} is not a column of the data; columns: {columns}.")
 
-    def tokenize(examples):
+    def tokenize_function(examples):
         return tokenizer(list(examples[text_column]))
 
     def group_texts(examples):
@@ -408,13 +278,13 @@ def tokenize_and_group(raw: DatasetDict, tokenizer, data_args: DataTrainingArgum
     cache = not data_args.overwrite_cache
     with training_args.main_process_first(desc="tokenization"):
         tokenized = raw.map(
-            tokenize, batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=columns,
+            tokenize_function, batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=columns,
             load_from_cache_file=cache, desc="Tokenizing",
         )
     with training_args.main_process_first(desc="grouping texts"):
         grouped = tokenized.map(
-            group_texts, batched=True, batch_size=1000, num_proc=data_args.preprocessing_num_workers,
-            load_from_cache_file=cache, desc=f"Grouping texts in blocks of {block_size}",
+            group_texts, batched=True, num_proc=data_args.preprocessing_num_workers, load_from_cache_file=cache,
+            desc=f"Grouping texts in blocks of {block_size}",
         )
     train, validation = grouped["train"], grouped["validation"]
     if data_args.max_train_samples is not None:
@@ -433,7 +303,7 @@ def load_tokenizer(model_args: ModelArguments):
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **kwargs)
     elif model_args.model_name_or_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **kwargs)
-    else:  # MST: no tokenizer given: the GPT-2 tokenizer shipped with mst_hf
+    else:  # MST: no tokenizer given: the GPT-2 tokenizer shipped with mst_hf (run_clm.py refuses)
         return embedded_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -447,7 +317,7 @@ def load_config(model_args: ModelArguments, block_size_hint: int | None):
         return AutoConfig.from_pretrained(model_args.config_name, **kwargs)
     if model_args.model_name_or_path is not None:
         return AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs)
-    model_type = model_args.model_type or "gpt2"
+    model_type = model_args.model_type or "gpt2"  # MST: gpt2 when no model type is given
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"`--model_type` must be one of {sorted(CONFIG_MAPPING)}, got {model_type!r}.")
     config = CONFIG_MAPPING[model_type]()
@@ -471,6 +341,7 @@ def build_model(model_args: ModelArguments, config, tokenizer):
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"Training a new model from scratch: {model.num_parameters() / 1e6:.2f}M parameters")
+    # Grow the token embedding when the tokenizer knows more tokens than the model has rows (never shrink it).
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
@@ -497,7 +368,7 @@ def preprocess_logits_for_metrics(logits, labels):
 
 def make_compute_metrics(training_args):
     with training_args.main_process_first(desc="loading the token_accuracy metric"):
-        metric = evaluate.load(TOKEN_ACCURACY_PATH)  # MST: the metric module shipped with mst_hf (offline)
+        metric = evaluate.load(TOKEN_ACCURACY_PATH)  # MST: the metric shipped with mst_hf (offline), not "accuracy"
 
     def compute_metrics(eval_preds):
         preds, labels = eval_preds
@@ -507,197 +378,148 @@ def make_compute_metrics(training_args):
     return compute_metrics
 
 
-def perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
-
-
-# ---------------------------------------------------------------------------------------------------------- summary
-def last_logged(log_history: list[dict], key: str):
-    return next((r[key] for r in reversed(log_history) if key in r), None)
-
-
-def write_summary(output_dir: str, summary: dict) -> str:
-    """Write ``summary.json`` and ``summary.md`` (MST and, with ``--compare_dense``, dense side by side); return the
-    markdown."""
-    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    mst, dense = summary["mst"], summary.get("dense")
-    runs = [("MST", mst)] + ([("dense", dense)] if dense else [])
-
-    def row(label, fmt, key):
-        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, r in runs]
-        return f"| {label} | " + " | ".join(cells) + " |"
-
-    lines = [
-        "# MST run summary",
-        "",
-        f"{summary['model']}, {summary['parameters'] / 1e6:.2f}M parameters; {summary['data']}: "
-        f"{summary['train_blocks']} training and {summary['eval_blocks']} evaluation blocks of "
-        f"{summary['block_size']} tokens; {summary['max_steps']} optimizer steps of {summary['tokens_per_step']} "
-        f"tokens. Perplexity before training: {summary['untrained_perplexity']:.1f}.",
-        "",
-        "| | " + " | ".join(name for name, _ in runs) + " |",
-        "|---|" + "---|" * len(runs),
-        row("perplexity after training", "{:.2f}", "perplexity"),
-        row("next-token accuracy", "{:.4f}", "token_accuracy"),
-        row("training FLOPs (counted)", "{:.4e}", "total_flops"),
-        row("FLOP reduction vs dense (counted)", "{:.3f}x", "counted_flop_reduction"),
-        row("FLOP reduction vs dense (planned)", "{:.3f}x", "planned_flop_reduction"),
-        row("final weight sparsity", "{:.4f}", "final_sparsity"),
-        row("topology updates", "{}", "topology_updates"),
-        row("training time (s)", "{:.1f}", "train_seconds"),
-        "",
-        f"Wall time of the whole script: {summary['wall_seconds']:.1f} s.",
-        "",
-        "FLOPs are counted matmul FLOPs (weights at their mask density, attention at its pattern density), not time:",
-        "the masked weights run on dense kernels here, so the training times do not shrink with sparsity.",
-        "",
-    ]
-    markdown = "\n".join(lines)
-    with open(os.path.join(output_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(markdown)
-    return markdown
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    start = psutil.Process().create_time()  # wall time includes the imports
+    start = psutil.Process().create_time()  # MST: the summary's wall time includes the imports
     model_args, data_args, training_args, mst_args = parse_arguments(argv)
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+    # The main process logs at info level unless --log_level says otherwise; the other processes at warning.
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
     logger.warning(
         f"Process rank {training_args.process_index} of {training_args.world_size}, device {training_args.device}"
     )
-    if training_args.max_steps <= 0:  # MST
+    logger.info(f"Training arguments: {training_args}")
+    if training_args.do_train and training_args.max_steps <= 0:  # MST
         raise ValueError(
             f"MST needs the number of optimizer steps up front for its schedule: pass `--max_steps N` (got "
             f"{training_args.max_steps}; `--num_train_epochs` alone is not enough)."
         )
+    # MST: check the MST arguments before any data is loaded.
+    to_mst_config(mst_args, max(training_args.max_steps, 1), data_args.block_size or DEFAULT_BLOCK_SIZE)
 
-    build_mst_config(mst_args, training_args.max_steps, data_args.block_size or DEFAULT_BLOCK_SIZE)  # MST: fail fast
-    raw = load_raw_datasets(data_args, model_args)
+    # Training into an output_dir that holds checkpoints continues from the newest one, unless
+    # --resume_from_checkpoint names another.
+    last_checkpoint = None
+    if training_args.do_train and training_args.resume_from_checkpoint is None and os.path.isdir(
+        training_args.output_dir
+    ):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.warning(f"{training_args.output_dir} holds checkpoints: training resumes from {last_checkpoint}. "
+                           "To start afresh, pass another `--output_dir` or empty this one.")
+
+    set_seed(training_args.seed)
+    raw_datasets = load_raw_datasets(data_args, model_args)
     tokenizer = load_tokenizer(model_args)
     if data_args.block_size is None and uses_embedded_model(model_args):  # MST: the embedded default run
         data_args.block_size = DEFAULT_BLOCK_SIZE
     config = load_config(model_args, data_args.block_size)
     block_size = resolve_block_size(data_args, tokenizer, config)
-    train_dataset, eval_dataset = tokenize_and_group(raw, tokenizer, data_args, block_size, training_args)
-    mst_config = build_mst_config(mst_args, training_args.max_steps, block_size)  # MST
-    logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")
+    train_dataset, eval_dataset = tokenize_and_group(raw_datasets, tokenizer, data_args, block_size, training_args)
+    mst_config = to_mst_config(mst_args, max(training_args.max_steps, 1), block_size)  # MST
+    if not training_args.do_train:  # MST: evaluation only: never prune the given model's weights
+        mst_config.initial_sparsity = 0.0
+    logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")  # MST
 
     dense_config = copy.deepcopy(config)  # MST: the dense baseline's, untouched by MSTTrainer's HSA settings
-    set_seed(training_args.seed)  # the dense baseline starts from the same initial weights
+    set_seed(training_args.seed)  # MST: the dense baseline starts from the same initial weights
     model = build_model(model_args, config, tokenizer)
-    compute_metrics = make_compute_metrics(training_args)
     trainer = MSTTrainer(  # MST: MSTTrainer instead of Trainer
         model=model,
         args=training_args,
         mst_config=mst_config,  # MST
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        compute_metrics=make_compute_metrics(training_args) if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
-    trace = MSTTraceCallback(trainer.mst, mst_config)  # MST
+    trace = reporting.RunTrace(trainer.mst)  # MST: the per-step schedule, for trace.json and schedule.png
     trainer.add_callback(trace)  # MST
     if mst_args.mst_mask_digest_file is not None:  # MST
-        digest_path, rank = mst_args.mst_mask_digest_file, training_args.process_index
-        trainer.add_callback(MaskDigestCallback(trainer.mst, digest_path, rank))
+        trainer.add_callback(reporting.MaskDigestCallback(
+            trainer.mst, mst_args.mst_mask_digest_file, training_args.process_index))
 
-    # The untrained model's loss, through `predict` so that nothing is logged (a log before `train` would open the
-    # TensorBoard writer in the working directory instead of output_dir).
-    untrained = trainer.predict(eval_dataset, metric_key_prefix="eval_untrained").metrics
-    t0 = time.time()
-    train_result = trainer.train()
-    mst_train_seconds = time.time() - t0
-    trainer.save_model()
-    metrics = trainer.evaluate()
-    metrics["perplexity"] = perplexity(metrics["eval_loss"])
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("all", {**train_result.metrics, **metrics})
+    summary = {"untrained_perplexity": None}  # MST
+    train_seconds = None  # MST
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        if training_args.do_eval and checkpoint is None:  # MST: the untrained model's loss, for the summary
+            # Through `predict`, which logs nothing: a log before `train` would open the TensorBoard writer in the
+            # working directory instead of output_dir.
+            untrained = trainer.predict(eval_dataset, metric_key_prefix="eval_untrained").metrics
+            summary["untrained_perplexity"] = reporting.perplexity(untrained["eval_untrained_loss"])
+        t0 = time.time()  # MST
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_seconds = time.time() - t0  # MST
+        trainer.save_model()  # weights, tokenizer and (MSTTrainer) the MST files
+        metrics = train_result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        summary["resumed_from"] = checkpoint  # MST
 
-    # MST: counted FLOPs from the trainer's logs, the plan's prediction, and the schedule plot.
-    history = trainer.state.log_history
-    tokens_per_step = (
-        training_args.per_device_train_batch_size * training_args.world_size
-        * training_args.gradient_accumulation_steps * block_size
-    )
-    plan = plan_run(model, mst_config, total_steps=training_args.max_steps, tokens_per_step=tokens_per_step,
-                    seq_len=block_size)
-    summary = {
-        "model": f"{config.model_type} (" + (model_args.model_name_or_path or "from scratch") + ")",
-        "parameters": model.num_parameters(),
-        "data": "embedded Moby-Dick" if uses_embedded_data(data_args) else (
-            data_args.dataset_name or data_args.train_file),
-        "train_blocks": len(train_dataset),
-        "eval_blocks": len(eval_dataset),
-        "block_size": block_size,
-        "max_steps": training_args.max_steps,
-        "tokens_per_step": tokens_per_step,
-        "world_size": training_args.world_size,
-        "untrained_perplexity": perplexity(untrained["eval_untrained_loss"]),
-        "untrained_token_accuracy": untrained.get("eval_untrained_accuracy"),
-        "mst_config": mst_config.mst_dict(),
-        "hsa": mst_config.hsa_pattern != "dense",  # MSTTrainer runs the model with the "mst_hsa" attention
-        "mst": {
-            "perplexity": metrics["perplexity"],
-            "eval_loss": metrics["eval_loss"],
-            "token_accuracy": metrics.get("eval_accuracy"),
-            "final_sparsity": trainer.mst.masks.sparsity(),
-            "layer_sparsities": trainer.mst.masks.layer_sparsities(),
-            "topology_updates": len(trainer.mst.history),
-            "counted_flop_reduction": last_logged(history, "mst/flop_reduction"),
-            "total_flops": last_logged(history, "mst/total_flops"),
-            "dense_total_flops": last_logged(history, "mst/dense_total_flops"),
-            "planned_flop_reduction": plan.flop_reduction,
-            "train_seconds": mst_train_seconds,
-        },
-    }
-    if training_args.should_save:
-        with open(os.path.join(training_args.output_dir, "trace.json"), "w", encoding="utf-8") as f:
-            json.dump(trace.trace, f)
-        plot_schedule(trace.arrays(training_args.max_steps), os.path.join(training_args.output_dir, "schedule.png"),
-                      title=f"MST run: counted FLOP reduction {summary['mst']['counted_flop_reduction']:.2f}x")
+    eval_metrics = None
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        eval_metrics["perplexity"] = reporting.perplexity(eval_metrics["eval_loss"])
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
 
-    if mst_args.compare_dense:  # MST: the dense baseline, same data, steps and initialisation
-        set_seed(training_args.seed)
-        dense_model = build_model(model_args, dense_config, tokenizer)
-        dense_args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "dense"))
-        dense_trainer = Trainer(
-            model=dense_model, args=dense_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=tokenizer, data_collator=default_data_collator, compute_metrics=compute_metrics,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    if training_args.do_train:  # MST: the summary, the trace and its plot, and the dense baseline
+        summary.update(
+            model=f"{config.model_type} ({model_args.model_name_or_path or 'from scratch'})",
+            parameters=model.num_parameters(),
+            data="embedded Moby-Dick" if uses_embedded_data(data_args) else (
+                data_args.dataset_name or data_args.train_file),
+            train_blocks=len(train_dataset), eval_blocks=len(eval_dataset), block_size=block_size,
+            max_steps=training_args.max_steps, world_size=training_args.world_size,
+            mst_config=mst_config.mst_dict(), hsa=mst_config.hsa_pattern != "dense",
+            mst=reporting.mst_summary(trainer, block_size, eval_metrics, train_seconds),
         )
-        t0 = time.time()
-        dense_trainer.train()
-        dense_seconds = time.time() - t0
-        dense_trainer.save_model()
-        dense_metrics = dense_trainer.evaluate()
-        summary["dense"] = {
-            "perplexity": perplexity(dense_metrics["eval_loss"]),
-            "eval_loss": dense_metrics["eval_loss"],
-            "token_accuracy": dense_metrics.get("eval_accuracy"),
-            "total_flops": summary["mst"]["dense_total_flops"],  # the same count at full density
-            "counted_flop_reduction": 1.0,
-            "final_sparsity": 0.0,
-            "train_seconds": dense_seconds,
-        }
+        summary["tokens_per_step"] = summary["mst"]["tokens_per_step"]
+        if training_args.should_save:
+            reporting.write_trace(trace, training_args.output_dir, training_args.max_steps, title=(
+                f"MST run: counted FLOP reduction {summary['mst']['counted_flop_reduction']:.2f}x"))
+        if mst_args.compare_dense:
+            summary["dense"] = reporting.train_dense_baseline(
+                lambda: build_model(model_args, dense_config, tokenizer), training_args,
+                dense_total_flops=summary["mst"]["dense_total_flops"], train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=default_data_collator,
+                compute_metrics=make_compute_metrics(training_args) if training_args.do_eval else None,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
+        summary["wall_seconds"] = time.time() - start
+        if training_args.should_save:
+            print(reporting.write_summary(training_args.output_dir, summary))
 
-    summary["wall_seconds"] = time.time() - start
-    if training_args.should_save:
-        markdown = write_summary(training_args.output_dir, summary)
-        print(markdown)
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    if data_args.dataset_name is not None:
+        kwargs["dataset_tags"] = data_args.dataset_name
+        if data_args.dataset_config_name is not None:
+            kwargs["dataset_args"] = data_args.dataset_config_name
+            kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
+        else:
+            kwargs["dataset"] = data_args.dataset_name
+    elif uses_embedded_data(data_args):  # MST
+        kwargs["dataset"] = "Moby-Dick (Project Gutenberg text shipped with mst_hf)"
+    if training_args.do_train:  # MST: a card describes a trained model (MSTTrainer adds the MST section and tags)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
+        else:
+            trainer.create_model_card(**kwargs)
     return summary
 
 

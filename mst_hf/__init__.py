@@ -8,11 +8,20 @@ from .flops import FlopMeter, model_flop_shapes
 from .integrations.peft import merge_lora_sparse, pruned_nonzeros
 from .io import last_complete_checkpoint, load_masks, load_sparse, push_sparse_to_hub, save_masks, save_sparse
 from .masks import MaskState
-from .plan import plan_run
 from .targets import find_targets, layer_sparsities
 from .trainer import MSTTrainer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `plan_run` is imported on first use: importing mst_hf.plan here would put it in sys.modules before
+    # `python -m mst_hf.plan` runs it as __main__, and runpy warns about that on every call.
+    if name == "plan_run":
+        from .plan import plan_run
+
+        return plan_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "FlopMeter",

@@ -59,7 +59,13 @@ def load_embedded_dataset(name: str = DEFAULT_CORPUS, validation_fraction: float
     """The shipped corpus as a ``DatasetDict`` with ``train`` and ``validation`` splits (a ``text`` column, one line
     per row, empty lines kept as the text has them). ``validation_fraction`` is the share of characters, taken
     from the end of the book, held out for validation."""
-    from datasets import Dataset, DatasetDict
+    try:
+        from datasets import Dataset, DatasetDict
+    except ImportError as err:
+        raise ImportError(
+            'load_embedded_dataset builds a `datasets.DatasetDict` and needs `datasets`: pip install -e ".[example]" '
+            '(or pip install "mst_hf[example]").'
+        ) from err
 
     with open(embedded_corpus_path(name), encoding="utf-8") as f:
         text = f.read()

@@ -1,5 +1,5 @@
-"""examples/run_clm_mst.py end to end (a tiny offline run in a subprocess), its arguments, and the data and metric
-shipped with the package."""
+"""examples/run_clm_mst.py end to end (a tiny offline run in a subprocess, a resume of it in another, evaluation
+only and a push in this process), its generated MST arguments, and the data and metric shipped with the package."""
 
 import dataclasses
 import importlib.util
@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 import mst_hf  # noqa: E402
+from mst_hf.arguments import config_fields, to_mst_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "run_clm_mst.py")
@@ -26,6 +27,7 @@ TINY_RUN = [
     "--logging_steps", "2", "--config_overrides", "n_layer=2,n_embd=32,n_head=2",
     "--mst_update_interval", "2", "--mst_final_sparsity", "0.5", "--report_to", "none",
 ]
+SAVE_STEP = 6  # the tiny run saves checkpoint-6 and checkpoint-12; the resume test restarts from checkpoint-6
 
 
 def offline_env() -> dict:
@@ -48,10 +50,39 @@ def example():
 def tiny_run(tmp_path_factory):
     """Output folder of one tiny run of the example (a subprocess, offline)."""
     out = tmp_path_factory.mktemp("run_clm_mst")
-    cmd = [sys.executable, EXAMPLE, "--output_dir", str(out), *TINY_RUN]
+    run_example(["--output_dir", str(out), *TINY_RUN, "--save_strategy", "steps", "--save_steps", str(SAVE_STEP)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_run, tmp_path_factory):
+    """Output folder of the tiny run restarted, in a new process, from its checkpoint at SAVE_STEP."""
+    out = tmp_path_factory.mktemp("run_clm_mst_resumed")
+    checkpoint = os.path.join(tiny_run, f"checkpoint-{SAVE_STEP}")
+    run_example(["--output_dir", str(out), *TINY_RUN, "--resume_from_checkpoint", checkpoint])
+    return out
+
+
+def run_example(args: list[str]) -> None:
+    cmd = [sys.executable, EXAMPLE, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+
+
+def run_in_process(example, args: list[str]) -> dict:
+    """``main(args)`` in this process (no interpreter start-up), restoring transformers' log level afterwards."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    try:
+        return example.main(args)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def read_json(*path) -> dict:
+    with open(os.path.join(*path), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_summary(out) -> dict:
@@ -128,6 +159,38 @@ def test_every_mst_config_field_has_an_argument(example):
     assert sorted(name for name in fields if f"mst_{name}" not in arguments) == []
 
 
+def test_mst_flags_are_generated_from_the_config_fields_with_their_help(example):
+    """Every MSTConfig field declares help text, and its flag's help starts with it (nothing copied by hand)."""
+    flags = {f.name: f for f in dataclasses.fields(example.MSTArguments)}
+    declared = {f.name: f.metadata.get("help", "") for f in config_fields()}
+    assert set(declared) == set(mst_hf.MSTConfig().mst_dict()) - {"model_type"}
+    bad = sorted(name for name, text in declared.items()
+                 if not text or not flags[f"mst_{name}"].metadata["help"].startswith(text))
+    assert bad == []
+
+
+def test_a_field_without_a_text_rule_takes_json():
+    import dataclasses as dc
+
+    from mst_hf.arguments import text_parser
+
+    field = dc.field(default=None)
+    field.name, field.type = "some_future_list", list | None
+    assert text_parser(field)('["warmup", "ultra"]') == ["warmup", "ultra"]
+    with pytest.raises(ValueError, match="--mst_some_future_list"):
+        text_parser(field)("warmup,ultra")
+
+
+def test_help_lists_the_mst_flags_first(example, capsys):
+    with pytest.raises(SystemExit) as stop:
+        example.parse_arguments(["--help"])
+    text = capsys.readouterr().out
+    order = [text.find(f"\n  {flag} ") for flag in ("--mst_preset", "--mst_ultra_sparsity", "--compare_dense",
+                                                     "--model_name_or_path", "--dataset_name", "--output_dir")]
+    missing = [f"--mst_{f.name}" for f in config_fields() if f"--mst_{f.name} " not in text]
+    assert (stop.value.code, missing, min(order) >= 0, order == sorted(order)) == (0, [], True, True)
+
+
 def test_a_single_json_argument_is_a_config_file(example, tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"max_steps": 7, "block_size": 16, "mst_ultra_sparsity": 0.8, "compare_dense": True}))
@@ -137,20 +200,26 @@ def test_a_single_json_argument_is_a_config_file(example, tmp_path):
     assert got == (7, 16, 0.8, True, example.EXAMPLE_DEFAULTS["output_dir"])
 
 
+def test_neither_do_train_nor_do_eval_means_both_and_one_means_only_that_one(example):
+    default, only_eval = example.parse_arguments([]), example.parse_arguments(["--do_eval"])
+    flags = [(t.do_train, t.do_eval) for t in (default[2], only_eval[2])]
+    assert flags == [(True, True), (False, True)]
+
+
 def test_bad_mst_argument_names_the_flag(example):
     with pytest.raises(ValueError, match="--mst_ultra_sparsity"):
-        example.build_mst_config(example.MSTArguments(mst_ultra_sparsity=1.5), max_steps=100, block_size=128)
+        to_mst_config(example.MSTArguments(mst_ultra_sparsity=1.5), max_steps=100, block_size=128)
 
 
 def test_mst_config_scales_to_short_runs(example):
-    config = example.build_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
+    config = to_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
     assert (config.update_interval, config.hsa_window, config.hsa_stride, config.hsa_block) == (10, 16, 16, 16)
 
 
 def test_explicit_mst_arguments_override_the_preset(example):
     args = example.MSTArguments(mst_preset="gpt2-4x", mst_ultra_sparsity=0.8, mst_grow_method="random",
                                 mst_hsa_layers="0,2")
-    config = example.build_mst_config(args, max_steps=1000, block_size=1024)
+    config = to_mst_config(args, max_steps=1000, block_size=1024)
     assert (config.ultra_sparsity, config.grow_method, config.hsa_layers, config.hsa_window) == (0.8, "random", [0, 2],
                                                                                                128)
 
@@ -221,3 +290,79 @@ def test_run_saved_weights_are_zero_where_pruned(tiny_run):
     params = dict(model.named_parameters())
     nonzero_pruned = {name: int((params[name].detach()[~mask] != 0).sum()) for name, mask in masks.masks.items()}
     assert sum(nonzero_pruned.values()) == 0
+
+
+@pytest.mark.slow
+def test_run_writes_a_model_card_with_the_mst_tags(tiny_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(tiny_run, "README.md"))
+    assert {"mst", "sparse"} <= set(card.data.tags or [])
+
+
+# ------------------------------------------------------------------------------------------ resume, eval, push
+@pytest.mark.slow
+def test_resume_continues_the_global_step(resumed_run):
+    trace = read_json(resumed_run, "trace.json")
+    state = read_json(resumed_run, "trainer_state.json")
+    assert (trace["step"], state["global_step"]) == (list(range(SAVE_STEP, 12)), 12)
+
+
+@pytest.mark.slow
+def test_resume_ends_with_the_masks_and_weights_of_the_uninterrupted_run(tiny_run, resumed_run):
+    from safetensors.torch import load_file
+
+    def unequal(name):
+        a, b = load_file(os.path.join(tiny_run, name)), load_file(os.path.join(resumed_run, name))
+        return sorted(set(a) ^ set(b)) + sorted(k for k in a if k in b and not bool((a[k] == b[k]).all()))
+
+    assert (unequal("mst_masks.safetensors"), unequal("model.safetensors")) == ([], [])
+
+
+@pytest.mark.slow
+def test_resumed_run_counts_the_flops_of_the_whole_run(tiny_run, resumed_run):
+    full, resumed = read_summary(tiny_run)["mst"], read_summary(resumed_run)["mst"]
+    assert resumed["total_flops"] == full["total_flops"] and resumed["counted_flop_reduction"] == pytest.approx(
+        resumed["planned_flop_reduction"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_do_eval_alone_evaluates_the_given_model(example, tiny_run, tmp_path):
+    """Evaluation only, of the tiny run's model, reproduces that run's final perplexity; nothing is trained or saved
+    (an initial sparsity asked for must not prune the model it evaluates)."""
+    out = tmp_path / "eval_only"
+    run_in_process(example, [
+        "--do_eval", "--model_name_or_path", str(tiny_run), "--output_dir", str(out), "--block_size", "32",
+        "--max_eval_samples", "8", "--per_device_eval_batch_size", "8", "--report_to", "none",
+        "--mst_initial_sparsity", "0.5",
+    ])
+    evaluated = read_json(out, "eval_results.json")
+    trained = [n for n in ("train_results.json", "model.safetensors", "summary.json") if os.path.exists(out / n)]
+    assert trained == [] and evaluated["perplexity"] == pytest.approx(read_summary(tiny_run)["mst"]["perplexity"],
+                                                                      rel=1e-6)
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_model_masks_and_card(example, tmp_path, monkeypatch):
+    """--push_to_hub goes through MSTTrainer's push (Hub calls replaced by a recorder: no network)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, ModelCard
+
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        card = ModelCard.load(os.path.join(folder_path, "README.md"))
+        uploads.append((repo_id, sorted(os.listdir(folder_path)), set(card.data.tags or [])))
+        return SimpleNamespace(is_done=lambda: True)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "pushed"
+    tiny = [a for a in TINY_RUN]
+    tiny[tiny.index("--max_steps") + 1] = "4"
+    run_in_process(example, ["--output_dir", str(out), *tiny, "--do_train", "--push_to_hub",
+                             "--hub_model_id", "someone/tiny-mst"])
+    repo, files, tags = uploads[-1]
+    needed = {"model.safetensors", "mst_masks.safetensors", "mst_config.json", "README.md"}
+    assert (repo, sorted(needed - set(files)), {"mst", "sparse"} <= tags) == ("someone/tiny-mst", [], True)
