@@ -121,7 +121,7 @@ class MSTTrainer(Trainer):
         """Validate the checkpoint's MST files (refusing a missing, corrupt or mismatched mask file before anything is
         modified), let Trainer load the weights, then restore masks and MST state. Runs before the optimizer exists
         and before the first step; Trainer restores the optimizer moments afterwards."""
-        checkpoint = check_mst_checkpoint(resume_from_checkpoint, self.mst)
+        checkpoint = check_mst_checkpoint(resume_from_checkpoint, self.mst, args=self.args)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         restore_mst_checkpoint(self.mst, checkpoint)
 

@@ -6,12 +6,18 @@ names, so masks saved from an MST run fit the same model wrapped for LoRA.
 """
 
 import os
+import re
 
 import torch
+from transformers.utils import logging
 
-from ..masks import SHAPE_SUFFIX, MaskState, check_shapes
-from ..targets import unwrap_model
+from ..config import MST_CONFIG_NAME, MSTConfig
+from ..masks import MaskState, check_shapes
+from ..targets import find_targets, unwrap_model
 from .formats import mask_tensors, packed_shapes, read_any_masks
+from .records import mst_config_fields, read_mst_config
+
+logger = logging.get_logger(__name__)
 
 
 def named_base_params(model) -> dict:
@@ -53,7 +59,31 @@ def invalidate_flops(target) -> None:
         flops.invalidate()
 
 
-def load_masks(target, path: str, apply: bool = True) -> MaskState:
+def unmasked_targets(model, path: str, masked) -> tuple[list[str], str]:
+    """The weights MST targets in ``model`` (under the MST config saved beside the masks; the default
+    :class:`MSTConfig` without one) that have no mask in ``masked`` though they are further layers of a kind it
+    masks: the sign of a model larger than the one the masks were saved from. Also returns a phrase naming the
+    config."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config_path = os.path.join(directory, MST_CONFIG_NAME)
+    if os.path.isfile(config_path):
+        saved = read_mst_config(config_path)
+        config, source = MSTConfig(**{k: saved[k] for k in mst_config_fields() if k in saved}), repr(config_path)
+    else:
+        config, source = MSTConfig(), f"the default MSTConfig (no {MST_CONFIG_NAME} beside the masks)"
+    base = unwrap_model(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    targets = {name.replace(".base_layer.", ".") for name in find_targets(base, config)}
+    kinds = {_kind(name) for name in masked}  # only more layers of a masked kind (not weights left dense on purpose)
+    return sorted(n for n in targets - set(masked) if _kind(n) in kinds), source
+
+
+def _kind(name: str) -> str:
+    """A parameter name without its layer indices: ``h.3.mlp.c_fc.weight`` -> ``h.#.mlp.c_fc.weight``."""
+    return re.sub(r"\.\d+\.", ".#.", name)
+
+
+def load_masks(target, path: str, apply: bool = True, strict: bool = True) -> MaskState:
     """Reattach saved masks to ``target`` and return them.
 
     ``target``: a model (e.g. from ``from_pretrained`` of an MST checkpoint, or a ``PeftModel`` wrapping one): a new
@@ -61,15 +91,27 @@ def load_masks(target, path: str, apply: bool = True) -> MaskState:
     ``MaskState``: its masks are replaced (to continue MST training from a saved model, without ``resume``).
     ``path``: a directory holding ``mst_masks.safetensors``, such a file, or a compact file of ``save_sparse``.
     ``apply``: zero the weights the masks prune (a no-op on the model the masks were saved with).
-    The file is validated against the model (names and shapes) before anything is modified.
+    The file is validated against the model (names and shapes) before anything is modified. A model with target
+    weights the file has no mask for (a larger model; targets under the ``mst_config.json`` beside the masks) is
+    refused; ``strict=False`` masks only the weights the file names, with a warning listing the others.
     """
     state = read_any_masks(str(path))
     masks = mask_state_of(target)
     where = f"Masks in {str(path)!r}"
     if masks is None:
         params = named_base_params(target)
-        check_shapes(packed_shapes(state), params, where, exact=False)
-        masks = MaskState({n: params[n] for n in state if not n.endswith(SHAPE_SUFFIX)})
+        shapes = packed_shapes(state)
+        check_shapes(shapes, params, where, exact=False)
+        unmatched, source = unmasked_targets(target, str(path), shapes)
+        if unmatched:
+            message = (f"{where} cover {len(shapes)} weights of this {type(target).__name__}, but {len(unmatched)} "
+                       f"more that MST targets under {source} have no mask: {unmatched[:5]}; the model is larger "
+                       "than the one the masks were saved from, so those weights would stay dense.")
+            if strict:
+                raise ValueError(f"{message} Load masks saved from this model, or pass strict=False to mask only the "
+                                 "parameters the file names.")
+            logger.warning("%s strict=False: only the parameters the file names are masked.", message)
+        masks = MaskState({n: params[n] for n in shapes})
     try:
         masks.load_state_dict(state, apply=apply)
     except ValueError as err:

@@ -17,13 +17,21 @@ moments, the LR schedule, its RNG states and the data position. :func:`check_mst
 paired with the masks) before anything is modified; :func:`restore_mst_checkpoint` applies it.
 """
 
-import logging
 import os
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from safetensors import safe_open
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    logging,
+)
 
 from .. import schedule
 from ..config import MST_CONFIG_NAME, MSTConfig
@@ -39,11 +47,11 @@ from .formats import (
     save_masks,
     write_json,
 )
+from .records import mst_config_fields, read_mst_config, read_mst_state
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
-TRAINER_STATE_NAME = "trainer_state.json"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -80,9 +88,9 @@ def read_saved_info(directory: str) -> dict:
     info = {}
     config_path, state_path = os.path.join(directory, MST_CONFIG_NAME), os.path.join(directory, STATE_NAME)
     if os.path.isfile(config_path):
-        info.update(read_json(config_path))
+        info.update(read_mst_config(config_path))
     if os.path.isfile(state_path):
-        state = read_json(state_path)
+        state = read_mst_state(state_path)
         info.update({k: state[k] for k in ("sparsity", "metrics", "flops") if k in state})
     return info
 
@@ -90,21 +98,40 @@ def read_saved_info(directory: str) -> dict:
 # ------------------------------------------------------------------------------------------------ checking
 @dataclass
 class MSTCheckpoint:
-    """The validated MST content of a checkpoint, not yet applied (see :func:`check_mst_checkpoint`)."""
+    """The validated content of a checkpoint, not yet applied (see :func:`check_mst_checkpoint`)."""
 
     path: str
     masks: dict  # packed state dict, names and shapes checked against the controller
     state: dict  # mst_state.json
+    config: dict = field(default_factory=dict)  # mst_config.json ({} when absent)
+    trainer_state: dict | None = None  # trainer_state.json (None when not read)
+
+
+@contextmanager
+def _open_weights(file: str):
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as err:  # SafetensorError, OSError: name the file, which safetensors does not
+        raise ValueError(f"{file!r}, weights of the checkpoint, is corrupt, truncated or not a safetensors file "
+                         f"({err}). Resume from an earlier checkpoint (mst_hf.last_complete_checkpoint(output_dir) "
+                         "finds the newest complete one).") from err
+    with handle as f:
+        yield f
 
 
 def _weight_locations(checkpoint_dir: str) -> dict[str, str]:
-    """Parameter name -> safetensors file holding it, for the checkpoint's (possibly sharded) weights."""
-    single, index = (os.path.join(checkpoint_dir, n) for n in _WEIGHT_FILES)
+    """Parameter name -> safetensors file holding it, for the checkpoint's (possibly sharded) weights; every file's
+    header is read, so a corrupt or truncated one is refused here by name."""
+    single, index = (os.path.join(checkpoint_dir, n) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map", {})
-        return {k: os.path.join(checkpoint_dir, v) for k, v in weight_map.items()}
+        locations = {k: os.path.join(checkpoint_dir, v) for k, v in weight_map.items()}
+        for file in sorted(set(locations.values())):
+            with _open_weights(file):
+                pass
+        return locations
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with _open_weights(single) as f:
             return dict.fromkeys(f.keys(), single)
     return {}
 
@@ -116,7 +143,7 @@ def _check_weights_agree(checkpoint_dir: str, packed: dict, where: str) -> None:
     for name in (n for n in shapes if n in locations):
         by_file.setdefault(locations[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with _open_weights(file) as f:
             check_shapes({n: shapes[n] for n in names}, {n: tuple(f.get_slice(n).get_shape()) for n in names},
                          f"{where} (against the weights of {os.path.basename(file)})")
             for name in names:  # one mask unpacked at a time: 1 byte per weight, briefly
@@ -130,11 +157,50 @@ def _check_weights_agree(checkpoint_dir: str, packed: dict, where: str) -> None:
                     )
 
 
-def check_mst_checkpoint(checkpoint_dir: str, controller) -> MSTCheckpoint:
-    """Read and validate the MST files of a checkpoint against ``controller``'s model; modifies nothing.
+def _previous(checkpoint_dir: str, suggest: bool = True) -> str:
+    """A sentence naming the newest complete checkpoint beside ``checkpoint_dir`` (other than it), if any."""
+    if not suggest:  # while searching for that checkpoint
+        return ""
+    parent = os.path.dirname(os.path.abspath(checkpoint_dir))
+    previous = last_complete_checkpoint(parent, quiet=True) if os.path.isdir(parent) else None
+    if previous is not None and os.path.abspath(previous) != os.path.abspath(checkpoint_dir):
+        return f"Resume from {previous!r}, the newest complete checkpoint there."
+    return "mst_hf.last_complete_checkpoint(output_dir) finds the newest complete checkpoint of a run."
 
-    Raises ``ValueError`` (``FileNotFoundError`` when the mask file is missing) naming the file and the problem."""
+
+def _read_trainer_state(checkpoint_dir: str, suggest: bool = True) -> dict:
+    """``trainer_state.json`` and the weights a Trainer resume needs, checked to be there and readable."""
+    path = os.path.join(checkpoint_dir, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {checkpoint_dir!r} has no {TRAINER_STATE_NAME}: its save was cut short "
+                                "(Trainer writes that file last), so it cannot be resumed; nothing was loaded. "
+                                + _previous(checkpoint_dir, suggest))
+    try:
+        trainer_state = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"{err} Nothing was loaded. {_previous(checkpoint_dir, suggest)}") from None
+    step = trainer_state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path!r}: `global_step` is {step!r}, expected an integer >= 0; the file is damaged. "
+                         + _previous(checkpoint_dir, suggest))
+    if not any(os.path.isfile(os.path.join(checkpoint_dir, n)) for n in _WEIGHT_FILES):
+        raise FileNotFoundError(f"Checkpoint {checkpoint_dir!r} has no model weights ({SAFE_WEIGHTS_NAME}); nothing "
+                                "was loaded. " + _previous(checkpoint_dir, suggest))
+    return trainer_state
+
+
+def read_checkpoint(checkpoint_dir: str, trainer_files: bool = True, suggest: bool = True,
+                    params: dict | None = None) -> MSTCheckpoint:
+    """Read and validate the files of a checkpoint: the MST files (format, digest, values, paired with each other)
+    and, with ``trainer_files``, ``trainer_state.json`` and the weights' headers; with ``params`` (the model's
+    target parameters by name), also the masks' names and shapes and the masks against the saved weights.
+    Raises ``FileNotFoundError`` for a missing folder or file and ``ValueError`` for a damaged one, naming it (and,
+    with ``suggest``, the newest complete checkpoint beside it)."""
     checkpoint_dir = str(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"Checkpoint folder {checkpoint_dir!r} does not exist. Check the path; "
+                                + _previous(checkpoint_dir, suggest))
+    trainer_state = _read_trainer_state(checkpoint_dir, suggest) if trainer_files else None
     masks_path = os.path.join(checkpoint_dir, MASKS_NAME)
     if not os.path.isfile(masks_path):
         raise FileNotFoundError(
@@ -144,37 +210,79 @@ def check_mst_checkpoint(checkpoint_dir: str, controller) -> MSTCheckpoint:
             "with from_pretrained and train without `resume_from_checkpoint`."
         )
     packed = read_mask_file(masks_path)
-    check_shapes(packed_shapes(packed), controller.masks.params, repr(masks_path))
-    _check_weights_agree(checkpoint_dir, packed, repr(masks_path))
-
+    if params is not None:
+        check_shapes(packed_shapes(packed), params, repr(masks_path))
+        _check_weights_agree(checkpoint_dir, packed, repr(masks_path))
     state_path = os.path.join(checkpoint_dir, STATE_NAME)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"Checkpoint {checkpoint_dir!r} has {MASKS_NAME} but no {STATE_NAME}; the save was "
                                 "interrupted. Resume from an earlier checkpoint.")
-    state = read_json(state_path)
+    state = read_mst_state(state_path)
     saved_digest = state.get("masks_digest")
     if saved_digest is not None and saved_digest != packed_digest(packed):
         raise ValueError(f"{state_path!r} was saved with other masks than {masks_path!r}: the files come from "
                          "different saves. Restore both from the same checkpoint.")
-    trainer_state_path = os.path.join(checkpoint_dir, TRAINER_STATE_NAME)
-    if os.path.isfile(trainer_state_path) and state.get("saved_at_step") is not None:
-        global_step = read_json(trainer_state_path).get("global_step")
-        if global_step != state["saved_at_step"]:
+    config_path = os.path.join(checkpoint_dir, MST_CONFIG_NAME)
+    config = read_mst_config(config_path) if os.path.isfile(config_path) else {}
+    if trainer_state is not None and state.get("saved_at_step") is not None:
+        if trainer_state["global_step"] != state["saved_at_step"]:
             raise ValueError(f"{state_path!r} was saved at step {state['saved_at_step']} but {TRAINER_STATE_NAME} "
-                             f"is at step {global_step}: the files come from different saves.")
-    _warn_config_changes(checkpoint_dir, controller.config)
-    return MSTCheckpoint(checkpoint_dir, packed, state)
+                             f"is at step {trainer_state['global_step']}: the files come from different saves.")
+    return MSTCheckpoint(checkpoint_dir, packed, state, config, trainer_state)
 
 
-def _warn_config_changes(checkpoint_dir: str, mst_config) -> None:
-    path = os.path.join(checkpoint_dir, MST_CONFIG_NAME)
-    if not os.path.isfile(path) or not isinstance(mst_config, MSTConfig):
+def check_mst_checkpoint(checkpoint_dir: str, controller, args=None) -> MSTCheckpoint:
+    """Read and validate a checkpoint against ``controller``'s model (names and shapes of the masks, masks against
+    the checkpoint's weights); modifies nothing.
+
+    ``args``: the ``TrainingArguments`` of a Trainer resuming from it: then the Trainer's own files must be there
+    too (checked before anything is loaded), and a resume that would silently differ from the saved run warns:
+    another run length (the MST schedule is a function of it) or a missing ``optimizer.pt`` / ``scheduler.pt``.
+    Raises ``ValueError`` (``FileNotFoundError`` for a missing folder or file) naming the file and the problem."""
+    checkpoint = read_checkpoint(checkpoint_dir, trainer_files=args is not None, params=controller.masks.params)
+    _warn_config_changes(checkpoint, controller.config)
+    if args is not None:
+        _warn_resume_changes(checkpoint, args)
+    return checkpoint
+
+
+def _warn_config_changes(checkpoint: MSTCheckpoint, mst_config) -> None:
+    if not checkpoint.config or not isinstance(mst_config, MSTConfig):
         return
-    saved, current = read_json(path), mst_config.mst_dict()
-    changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+    current = mst_config.mst_dict()
+    changed = sorted(k for k in mst_config_fields() if k in checkpoint.config and checkpoint.config[k] != current[k])
     if changed:
         logger.warning("Resuming with an MST config that differs from the checkpoint's in %s: the schedule after the "
                        "resume follows the new values.", changed)
+
+
+def _warn_resume_changes(checkpoint: MSTCheckpoint, args) -> None:
+    """What Trainer itself resumes without a word, though the run then differs from the saved one."""
+    trainer_state = checkpoint.trainer_state or {}
+    saved_total = checkpoint.config.get("total_steps") or trainer_state.get("max_steps")
+    if getattr(args, "max_steps", -1) > 0 and saved_total and args.max_steps != saved_total:
+        logger.warning(
+            "Resuming %r with max_steps=%d, but it was saved by a run of max_steps=%d: the MST schedule (phase "
+            "boundaries, target sparsity, update steps) is a function of the run length, so the rest of the run "
+            "follows a re-timed schedule. Resume with max_steps=%d to continue the saved schedule.",
+            checkpoint.path, args.max_steps, saved_total, saved_total)
+    saved_epochs = trainer_state.get("num_train_epochs")
+    if getattr(args, "max_steps", -1) <= 0 and saved_epochs and args.num_train_epochs != saved_epochs:
+        logger.warning(
+            "Resuming %r with num_train_epochs=%s, but it was saved by a run of num_train_epochs=%s (max_steps=%s): "
+            "the MST schedule is a function of the run length, so the rest of the run follows a re-timed schedule. "
+            "Resume with num_train_epochs=%s to continue the saved schedule.",
+            checkpoint.path, args.num_train_epochs, saved_epochs, saved_total, saved_epochs)
+    has = {n: os.path.isfile(os.path.join(checkpoint.path, n)) for n in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN,
+                                                                          SCHEDULER_NAME)}
+    missing = [n for n, ok in ((OPTIMIZER_NAME, has[OPTIMIZER_NAME] or has[OPTIMIZER_NAME_BIN]),
+                               (SCHEDULER_NAME, has[SCHEDULER_NAME])) if not ok]
+    if missing:
+        logger.warning(
+            "Checkpoint %r has no %s: Trainer then restores neither the optimizer nor the learning-rate schedule, so "
+            "the resumed run starts with fresh optimizer state (Adam moments at zero) and the LR schedule from its "
+            "first step. Resume from a checkpoint saved without `save_only_model` to continue exactly.",
+            checkpoint.path, " or ".join(missing))
 
 
 # ------------------------------------------------------------------------------------------------ restoring
@@ -195,17 +303,26 @@ def load_mst_files(checkpoint_dir: str, controller) -> dict:
     return checkpoint.state
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder of ``output_dir`` whose save finished (Trainer writes
-    ``trainer_state.json`` last) and that holds the MST files; ``None`` if there is none. Use it instead of
-    ``resume_from_checkpoint=True`` after a crash: that picks the newest folder (``get_last_checkpoint``) even if
-    its save was cut short."""
+def last_complete_checkpoint(output_dir: str, quiet: bool = False) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` whose files are all there and valid: the Trainer's
+    ``trainer_state.json`` (written last) parses and the weights' headers read, the MST files validate and belong
+    to the same save; ``None`` if there is none. Use it instead of ``resume_from_checkpoint=True`` after a crash:
+    that picks the newest folder (``get_last_checkpoint``) even if its save was cut short. Each newer folder that
+    is skipped is logged with the reason (``quiet=True``: not logged)."""
     if not os.path.isdir(output_dir):
         return None
     found = []
     for name in os.listdir(output_dir):
         match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if match and all(os.path.isfile(os.path.join(path, f)) for f in (TRAINER_STATE_NAME, MASKS_NAME, STATE_NAME)):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        try:
+            read_checkpoint(path, trainer_files=True, suggest=False)
+            _weight_locations(path)
+        except (OSError, ValueError) as err:
+            if not quiet:
+                logger.warning("Skipping %r, not a complete checkpoint: %s", path, err)
+            continue
+        return path
+    return None

@@ -73,8 +73,30 @@ def read_json(path: str) -> dict:
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically."""
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """Write a safetensors file atomically, with a canonical header: the same tensors and metadata give the same
+    bytes (safetensors itself writes the metadata in hash-map order, which changes from one call to the next)."""
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        _canonical_header(tmp)
+
+    atomic_write(path, write)
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors header in place: ``__metadata__`` first with sorted keys, then the tensor entries in
+    data order. Only the order of JSON keys changes, so the header keeps its length and the data its offsets."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # never seen (same keys, same escaping); keep the file as safetensors wrote it
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def _read_safetensors(path: str, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

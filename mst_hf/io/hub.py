@@ -32,6 +32,7 @@ from .formats import (
     read_mask_file,
     read_sparse,
     save_masks,
+    shared_names,
     sparse_file,
     write_json,
     write_sparse_file,
@@ -97,6 +98,16 @@ def load_sparse(path, model=None, **from_config_kwargs):
             raise ValueError(
                 f"`{name}` is {t.dtype} in {file!r} but {target[name].dtype} in the model. Build the model with the "
                 f"saved dtype (e.g. model.to({t.dtype})) or pass model=None."
+            )
+    for alias, name in shared_names(target).items():  # tied in the model: the file must hold one tensor for both
+        tied_in_file = aliases.get(alias) == name or aliases.get(name) == alias
+        same = torch.equal(*(dense[n].reshape(-1).view(torch.uint8) for n in (alias, name)))  # bit for bit
+        if not tied_in_file and not same:
+            raise ValueError(
+                f"`{alias}` and `{name}` are one tensor in this {type(model).__name__} (tied) but two different "
+                f"tensors in {file!r}: loading would keep only one of them. Build the model untied, as it was saved "
+                "(e.g. AutoModelForCausalLM.from_config(config, tie_word_embeddings=False)), or pass model=None to "
+                "build it from the saved config.json."
             )
     with torch.no_grad():
         for name, t in dense.items():

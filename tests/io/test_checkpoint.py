@@ -176,11 +176,11 @@ def test_restore_resets_the_attention_cache_and_keeps_the_update_step(reference)
     assert controller.flops.total_flops == state["flops"]["total_flops"] > 0
 
 
-def test_last_complete_checkpoint_skips_an_interrupted_save(tmp_path):
-    for step, files in ((4, ["trainer_state.json", MASKS_NAME, STATE_NAME]), (8, [MASKS_NAME])):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        for name in files:
-            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+def test_last_complete_checkpoint_skips_an_interrupted_save(reference, tmp_path):
+    _, _, out, _ = reference  # real files: the MST files and trainer_state.json are validated, not only present
+    shutil.copytree(out / f"checkpoint-{SAVE_AT['warmup']}", tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-8").mkdir()
+    shutil.copy(out / f"checkpoint-{SAVE_AT['ultra']}" / MASKS_NAME, tmp_path / "checkpoint-8" / MASKS_NAME)
     assert mst_hf.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
 
 

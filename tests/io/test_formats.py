@@ -14,7 +14,8 @@ from mst_hf.io import formats
 
 from ..helpers import tiny_gpt2
 
-NAMES = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]
+NAMES = [f"transformer.h.{i}.{m}.weight" for i in range(2)
+         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
 def hand_masks(model, seed=0):
@@ -97,3 +98,19 @@ def test_a_mask_file_with_too_few_bytes_is_refused_by_name(tmp_path):
     save_file(state, str(tmp_path / "mst_masks.safetensors"), metadata={"format": "mst_hf", "version": "1"})
     with pytest.raises(ValueError, match=r"mst_masks.safetensors.*c_attn.weight.*malformed"):
         formats.read_mask_file(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- reproducible bytes
+def test_the_same_masks_and_weights_give_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in hash-map order (it changes from one call to the next); the files must not.
+    """
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    state = mst_hf.MaskState({n: p for n, p in model.named_parameters() if n in masks}, masks)
+    state.apply_to_weights()
+    mask_bytes = {formats.save_masks(state, str(tmp_path / f"m{i}")) and
+                  (tmp_path / f"m{i}" / formats.MASKS_NAME).read_bytes() for i in range(8)}
+    sparse_bytes = {open(mst_hf.save_sparse(model, str(tmp_path / f"s{i}.safetensors"), masks=masks), "rb").read()
+                    for i in range(8)}
+    assert len(mask_bytes) == 1 and len(sparse_bytes) == 1
+    assert formats.read_mask_file(str(tmp_path / "m0"))[NAMES[0]].numel() > 0  # still a valid file
