@@ -19,6 +19,14 @@ Accumulation is float32; float32 inputs use IEEE products (no TF32) so they matc
 import triton
 import triton.language as tl
 
+# runtime integers that vary with the mask or the token count: not specialised on (no recompiles between layers)
+_VARYING = ("M", "PTR_OFF", "IDX_OFF", "CHUNK", "NNZ", "ROW_OFF", "COL_OFF", "SPLITS")
+
+
+def _jit(fn):
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in names if n in _VARYING])
+
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -29,7 +37,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return acc
 
 
-@triton.jit
+@_jit
 def bsr_matmul(
     A, B, Bias, Out, Index,
     M, sam, sak, sbk, sbn, som, son, PTR_OFF, IDX_OFF,
@@ -57,7 +65,7 @@ def bsr_matmul(
     tl.store(Out + rm64[:, None] * som + rn[None, :] * son, acc.to(Out.dtype.element_ty), mask=m_ok[:, None])
 
 
-@triton.jit
+@_jit
 def sampled_dw(
     DY, X, Out, Index,
     M, CHUNK, NNZ, sdm, sdn, sxm, sxk, son, sok, ROW_OFF, COL_OFF,
@@ -86,7 +94,7 @@ def sampled_dw(
         tl.store(Out + rn[:, None] * son + rk[None, :] * sok, acc.to(Out.dtype.element_ty))
 
 
-@triton.jit
+@_jit
 def reduce_dw(P, Out, Index, NNZ, SPLITS, son, sok, ROW_OFF, COL_OFF, BS: tl.constexpr):
     e = tl.program_id(0)
     rb = tl.load(Index + ROW_OFF + e)
