@@ -1,0 +1,147 @@
+"""Whole training steps: `MSTTrainer` with block-sparse weights on the Triton kernels against plain `Trainer`, and a
+short whole MST run (all three phases, automatic kernel choice) against dense, at equal tokens. Ratios are measured
+in one process, the two runs alternating.
+
+    PYTHONPATH=. python bench/mst_step.py --model llama-1b --out $OUT/mst_step.md
+    PYTHONPATH=. python bench/mst_step.py --model gpt2-124m --out $OUT/mst_step_124m.md
+    PYTHONPATH=. python bench/mst_step.py --model llama-1b --mode run --steps 300 --out $OUT/mst_run.md
+
+``--mode ultra`` (default): 90% block sparsity from step 0 (the ultra phase), one topology update at step 0,
+``weight_kernels="block"`` against dense `Trainer`. ``--mode run``: the default three-phase schedule with block
+masks and ``weight_kernels="auto"`` (the break-even table of ``bench/blocksparse_linear.py``), wall time of the
+whole run against dense, next to the counted FLOP reduction. Synthetic tokens (speed does not depend on them).
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
+
+from mst_hf import MSTConfig, MSTTrainer
+
+MODELS = {
+    # Llama-style, d=2048 (Llama-3.2-1B's block shapes, 32k vocabulary): about 1.1B parameters
+    "llama-1b": lambda seq: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                        max_position_embeddings=seq, tie_word_embeddings=False),
+    "llama-1b-8l": lambda seq: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                                           num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                           max_position_embeddings=seq, tie_word_embeddings=False),
+    "gpt2-124m": lambda seq: GPT2Config(vocab_size=50304, n_positions=seq, n_layer=12, n_embd=768, n_head=12,
+                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+}
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int):
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Timer(TrainerCallback):
+    """Synchronised wall time of steps ``skip..max_steps`` and the peak memory."""
+
+    def __init__(self, skip: int):
+        self.skip, self.t0, self.t1 = skip, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.skip, state.max_steps):
+            torch.cuda.synchronize()
+            if state.global_step == self.skip:
+                self.t0 = time.perf_counter()
+            else:
+                self.t1 = time.perf_counter()
+
+
+def run(kind: str, args) -> dict:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MODELS[args.model](args.seq_len), attn_implementation="sdpa")
+    targs = TrainingArguments(output_dir="/tmp/mst_step", max_steps=args.steps,
+                              per_device_train_batch_size=args.batch, learning_rate=3e-4, bf16=True,
+                              logging_steps=10**6, report_to=[], save_strategy="no",
+                              disable_tqdm=True, seed=0, lr_scheduler_type="constant", dataloader_num_workers=2)
+    data = Tokens(args.steps * args.batch, args.seq_len, model.config.vocab_size)
+    timer = Timer(args.skip)
+    torch.cuda.reset_peak_memory_stats()
+    if kind == "dense":
+        trainer = Trainer(model, targs, train_dataset=data, callbacks=[timer])
+    else:
+        if args.mode == "ultra":
+            cfg = MSTConfig(initial_sparsity=args.sparsity, ultra_sparsity=args.sparsity, final_sparsity=args.sparsity,
+                            warmup_ratio=0.0, restoration_ratio=0.0, update_interval=10**6, hsa_pattern="dense",
+                            sparsity_structure="block", block_size=args.block, weight_kernels="block")
+        else:
+            cfg = MSTConfig(sparsity_structure="block", block_size=args.block, weight_kernels="auto",
+                            hsa_pattern="dense", update_interval=max(args.steps // 10, 1))
+        trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=[timer])
+    t_start = time.perf_counter()
+    out = trainer.train()
+    torch.cuda.synchronize()
+    result = {"kind": kind, "timed_s": timer.t1 - timer.t0, "timed_steps": args.steps - args.skip,
+              "wall_s": time.perf_counter() - t_start, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "loss": out.training_loss}
+    if kind == "mst":
+        result["flop_reduction"] = trainer.mst.flops.metrics().get("mst/flop_reduction")
+        wk = trainer.mst.weight_kernels
+        result["kernel_choice"] = {} if wk is None else dict(wk.choice)
+    del trainer, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-1b", choices=sorted(MODELS))
+    p.add_argument("--mode", default="ultra", choices=["ultra", "run"])
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (8 x 2048 = 16k tokens)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=10, help="steps excluded from timing (warm-up, Triton compilation)")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="mst_step.md")
+    args = p.parse_args()
+    if args.mode == "run":
+        args.skip = 0  # the whole run counts
+    rows = []
+    for r in range(args.repeats):
+        for kind in ("dense", "mst") if r % 2 == 0 else ("mst", "dense"):
+            res = run(kind, args)
+            res["repeat"] = r
+            rows.append(res)
+            print(json.dumps({k: v for k, v in res.items() if k != "kernel_choice"}), flush=True)
+    flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
+    lines = [f"Command: `PYTHONPATH=. python bench/mst_step.py {flags}`",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {torch.cuda.get_device_name(0)}, torch "
+             f"{torch.__version__}", "",
+             "| repeat | dense s/step | MST s/step | speed-up (dense time / MST time) | dense peak GiB | MST peak GiB "
+             "| counted FLOP reduction |", "|---|---|---|---|---|---|---|"]
+    for r in range(args.repeats):
+        d = next(x for x in rows if x["repeat"] == r and x["kind"] == "dense")
+        m = next(x for x in rows if x["repeat"] == r and x["kind"] == "mst")
+        lines.append(f"| {r} | {d['timed_s'] / d['timed_steps']:.4f} | {m['timed_s'] / m['timed_steps']:.4f} | "
+                     f"{d['timed_s'] / m['timed_s']:.3f} | {d['peak_gib']:.1f} | {m['peak_gib']:.1f} | "
+                     f"{m.get('flop_reduction') or float('nan'):.3f} |")
+    m = next(x for x in rows if x["kind"] == "mst")
+    choice = m.get("kernel_choice", {})
+    lines.append("")
+    n_block = sum(v == "block" for v in choice.values())
+    lines.append(f"Layers on the block kernel at the end: {n_block} of {len(choice)}.")
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+    with open(args.out.replace(".md", ".json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Which target layers run on the block-sparse kernels, step by step (``MSTConfig.weight_kernels``).
+
+Between the pure masks and the controller: :class:`WeightKernels` puts each target module on the block kernel of
+:mod:`mst_hf.kernels` or back on its dense class forward. It follows three rules:
+
+1. Only block-structured masks (``sparsity_structure="block"``) can use the kernel, and only layers whose shape
+   the tile side divides.
+2. A topology-update step runs every layer dense: growth ranks inactive weights by their dense gradient, and the
+   block kernel computes ``dW`` on active tiles only. After the update the new masks are installed.
+3. ``"auto"`` asks :func:`mst_hf.kernels.choose_kernel` (a measured break-even table per GPU, shape, tile side and
+   density): a layer at low sparsity (warm-up, restoration) stays dense where the block kernel would be slower.
+   ``"block"`` forces the kernel wherever rule 1 allows (CPU included: Triton's interpreter, for tests).
+
+Decisions change only when masks do (at updates, or after loading masks: both replace the mask tensors, which is
+what is checked), so a normal step costs a loop of identity checks here.
+"""
+
+from transformers.utils import logging
+
+from .topology import tile_mask
+
+logger = logging.get_logger(__name__)
+
+
+class WeightKernels:
+    """Per-layer kernel choice for the targets of one controller."""
+
+    def __init__(self, model, targets, masks, block: int, mode: str):
+        self.model, self.targets, self.masks, self.block, self.mode = model, targets, masks, block, mode
+        self.choice: dict[str, str] = {}  # parameter name -> "block" | "dense"
+        self._dirty = True
+        self._dense_step = False
+        self._installed: dict = {}
+
+    def masks_changed(self) -> None:
+        """Masks were replaced (topology update, load): decide and install again before the next normal step."""
+        self._dirty = True
+
+    def before_forward(self, update_step: bool, tokens: int) -> None:
+        """Dense kernels for an update step; otherwise (re)install the block kernels where chosen."""
+        from . import kernels
+
+        if update_step:
+            if not self._dense_step:
+                for t in self.targets.values():
+                    kernels.disable_block_sparse(self._module(t))
+                self._dense_step, self._dirty = True, True
+            return
+        if not self._dirty and all(self.masks.masks[n] is m for n, m in self._installed.items()):
+            return  # the masks installed are still the masks in force (set_mask and loading replace the tensors)
+        self._dense_step = False
+        for name, t in self.targets.items():
+            module = self._module(t)
+            choice = self._decide(name, t, tokens)
+            if choice == "block":
+                kernels.enable_block_sparse(module, tile_mask(self.masks.masks[name], self.block), self.block)
+            else:
+                kernels.disable_block_sparse(module)
+            self.choice[name] = choice
+        self._installed = {n: self.masks.masks[n] for n in self.targets}
+        self._dirty = False
+        n_block = sum(c == "block" for c in self.choice.values())
+        logger.info("MST weight kernels: %d of %d target layers on the block-sparse kernel (%s).", n_block,
+                    len(self.choice), ", ".join(f"{n}={c}" for n, c in list(self.choice.items())[:8]))
+
+    def block_layers(self) -> int:
+        """Target layers on the block kernel now (0 on an update step)."""
+        return 0 if self._dense_step else sum(c == "block" for c in self.choice.values())
+
+    def _module(self, target):
+        return self.model.get_submodule(target.module_name)
+
+    def _decide(self, name: str, target, tokens: int) -> str:
+        from . import kernels
+
+        if target.n_in % self.block or target.n_out % self.block:
+            return "dense"
+        if self.mode == "block":
+            return "block"
+        device = target.param.device
+        if device.type != "cuda":
+            return "dense"
+        import torch
+
+        return kernels.choose_kernel(target.n_in, target.n_out, tokens, self.masks.density(name), self.block,
+                                     torch.cuda.get_device_name(device))

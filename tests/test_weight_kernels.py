@@ -1,0 +1,60 @@
+"""MSTConfig(weight_kernels=...): which layers run on the block-sparse kernel, and that training on it equals the
+dense masked run (CPU: the Triton interpreter)."""
+
+import pytest
+import torch
+
+from mst_hf import MSTConfig, MSTController
+
+from .helpers import tiny_llama, toy_dataset
+
+pytest.importorskip("triton")
+
+
+def _cfg(**kw):
+    base = dict(initial_sparsity=0.5, ultra_sparsity=0.5, final_sparsity=0.5, warmup_ratio=0.0,
+                restoration_ratio=0.0, update_interval=3, hsa_pattern="dense", sparsity_structure="block",
+                block_size=16, grow_method="gradient")
+    base.update(kw)
+    return MSTConfig(**base)
+
+
+def _run(weight_kernels, steps=4):
+    model = tiny_llama()
+    ctl = MSTController(model, _cfg(weight_kernels=weight_kernels))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data, on_kernel = toy_dataset(n=4 * steps), []
+    for step in range(steps):
+        rows = data[step * 4 : (step + 1) * 4]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        ctl.before_forward(step, steps, batch)
+        on_kernel.append(0 if ctl.weight_kernels is None else ctl.weight_kernels.block_layers())
+        model(**batch).loss.backward()
+        ctl.after_backward(step, steps, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        ctl.after_optimizer_step()
+    return model, ctl, on_kernel
+
+
+def test_block_kernels_train_like_the_masked_dense_run_and_update_steps_run_dense():
+    dense_model, dense_ctl, _ = _run("dense")
+    block_model, block_ctl, on_kernel = _run("block")
+    # steps 0 and 3 update the topology (dense kernels); steps 1 and 2 run every divisible target on the kernel
+    divisible = sum(t.n_in % 16 == 0 and t.n_out % 16 == 0 for t in block_ctl.targets.values())
+    assert on_kernel == [0, divisible, divisible, 0] and divisible > 0
+    assert all(torch.equal(block_ctl.masks.masks[n], m) for n, m in dense_ctl.masks.masks.items())
+    for (name, p), q in zip(dense_model.named_parameters(), block_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_kernels_need_block_masks():
+    with pytest.raises(ValueError, match="sparsity_structure='block'"):
+        MSTConfig(weight_kernels="auto")
+    with pytest.raises(ValueError, match="block_size"):
+        MSTConfig(sparsity_structure="block", block_size=8, weight_kernels="block")
+
+
+def test_auto_on_cpu_stays_dense():
+    _, ctl, on_kernel = _run("auto", steps=2)
+    assert on_kernel == [0, 0] and set(ctl.weight_kernels.choice.values()) == {"dense"}
