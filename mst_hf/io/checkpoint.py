@@ -52,6 +52,14 @@ from .records import mst_config_fields, read_mst_config, read_mst_state
 logger = logging.get_logger(__name__)
 
 _WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+_FSDP_WEIGHTS = "pytorch_model_fsdp"  # Trainer's FSDP checkpoints: a file or folder whose name starts with it
+
+
+def _has_weights(checkpoint_dir: str) -> bool:
+    """Whether the checkpoint holds model weights in a form Trainer loads (plain, sharded or FSDP)."""
+    if any(os.path.isfile(os.path.join(checkpoint_dir, n)) for n in _WEIGHT_FILES):
+        return True
+    return any(name.startswith(_FSDP_WEIGHTS) for name in os.listdir(checkpoint_dir))
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -68,13 +76,17 @@ def saved_phase(step: int | None, total_steps: int | None, mst_config) -> dict:
 
 
 def save_mst_files(output_dir: str, controller, step: int | None = None, total_steps: int | None = None,
-                   metrics: dict | None = None) -> None:
+                   metrics: dict | None = None, write: bool = True) -> None:
     """Write ``mst_masks.safetensors``, ``mst_state.json`` and ``mst_config.json`` of ``controller`` into
-    ``output_dir`` (``metrics``: latest logged values worth keeping, e.g. ``mst/flop_reduction``)."""
-    save_masks(controller.masks, output_dir)
+    ``output_dir`` (``metrics``: latest logged values worth keeping, e.g. ``mst/flop_reduction``). With
+    FSDP2-sharded masks, call it on every rank (the full masks are gathered), with ``write`` true on one."""
+    save_masks(controller.masks, output_dir, write=write)
+    digest = controller.masks.digest()
+    if not write:
+        return
     info = saved_phase(step, total_steps, controller.config)
     state = controller.state_dict()
-    state.update(masks_digest=controller.masks.digest(), saved_at_step=step, sparsity=controller.masks.sparsity(),
+    state.update(masks_digest=digest, saved_at_step=step, sparsity=controller.masks.sparsity(),
                  metrics=dict(metrics or {}))
     write_json(os.path.join(output_dir, STATE_NAME), state)
     data = controller.config.mst_dict()
@@ -183,7 +195,7 @@ def _read_trainer_state(checkpoint_dir: str, suggest: bool = True) -> dict:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"{path!r}: `global_step` is {step!r}, expected an integer >= 0; the file is damaged. "
                          + _previous(checkpoint_dir, suggest))
-    if not any(os.path.isfile(os.path.join(checkpoint_dir, n)) for n in _WEIGHT_FILES):
+    if not _has_weights(checkpoint_dir):
         raise FileNotFoundError(f"Checkpoint {checkpoint_dir!r} has no model weights ({SAFE_WEIGHTS_NAME}); nothing "
                                 "was loaded. " + _previous(checkpoint_dir, suggest))
     return trainer_state

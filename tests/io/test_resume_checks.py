@@ -71,6 +71,7 @@ DAMAGE = {
     "truncated weights": lambda ck: (ck / "model.safetensors").write_bytes(
         (ck / "model.safetensors").read_bytes()[:-100]),
     "empty mst_state.json": lambda ck: (ck / STATE_NAME).write_text(""),
+    "no weights": lambda ck: os.remove(ck / "model.safetensors"),
 }
 
 
@@ -114,6 +115,15 @@ def test_a_different_run_length_warns_with_both_values(run, caplog):
         check_mst_checkpoint(str(run / f"checkpoint-{EVERY}"), controller,
                              args=TrainingArguments("unused", max_steps=N, report_to=[], use_cpu=True))
     assert "max_steps" not in caplog.text
+
+
+def test_a_different_epoch_count_warns_with_both_values(run, caplog):
+    saved_epochs = json.loads((run / f"checkpoint-{EVERY}" / "trainer_state.json").read_text())["num_train_epochs"]
+    controller = MSTController(tiny_gpt2(seed=1), mst_config())
+    args = TrainingArguments("unused", num_train_epochs=saved_epochs + 2, report_to=[], use_cpu=True)
+    with caplog.at_level(logging.WARNING):
+        check_mst_checkpoint(str(run / f"checkpoint-{EVERY}"), controller, args=args)
+    assert f"num_train_epochs={saved_epochs + 2}" in caplog.text and f"num_train_epochs={saved_epochs}" in caplog.text
 
 
 @pytest.mark.parametrize("missing", ["optimizer.pt", "scheduler.pt"])
