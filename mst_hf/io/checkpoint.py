@@ -212,7 +212,10 @@ def read_checkpoint(checkpoint_dir: str, trainer_files: bool = True, suggest: bo
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"Checkpoint folder {checkpoint_dir!r} does not exist. Check the path; "
                                 + _previous(checkpoint_dir, suggest))
-    trainer_state = _read_trainer_state(checkpoint_dir, suggest) if trainer_files else None
+    trainer_state = None
+    if trainer_files:
+        trainer_state = _read_trainer_state(checkpoint_dir, suggest)
+        _weight_locations(checkpoint_dir)  # reads every weight file's header: a damaged one is refused by name
     masks_path = os.path.join(checkpoint_dir, MASKS_NAME)
     if not os.path.isfile(masks_path):
         raise FileNotFoundError(
@@ -228,7 +231,7 @@ def read_checkpoint(checkpoint_dir: str, trainer_files: bool = True, suggest: bo
     state_path = os.path.join(checkpoint_dir, STATE_NAME)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"Checkpoint {checkpoint_dir!r} has {MASKS_NAME} but no {STATE_NAME}; the save was "
-                                "interrupted. Resume from an earlier checkpoint.")
+                                "interrupted. " + _previous(checkpoint_dir, suggest))
     state = read_mst_state(state_path)
     saved_digest = state.get("masks_digest")
     if saved_digest is not None and saved_digest != packed_digest(packed):
@@ -331,7 +334,6 @@ def last_complete_checkpoint(output_dir: str, quiet: bool = False) -> str | None
     for _, path in sorted(found, reverse=True):
         try:
             read_checkpoint(path, trainer_files=True, suggest=False)
-            _weight_locations(path)
         except (OSError, ValueError) as err:
             if not quiet:
                 logger.warning("Skipping %r, not a complete checkpoint: %s", path, err)
