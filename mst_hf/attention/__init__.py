@@ -24,6 +24,7 @@ from .interface import (
     register,
     set_hsa_active,
     validate_hsa_state,
+    warn_if_dense,
 )
 from .patterns import (
     BACKENDS,
@@ -31,6 +32,7 @@ from .patterns import (
     PATTERNS,
     HSASpec,
     attention_density,
+    dense_pattern_message,
     mean_attended_keys,
     pattern_mask_fn,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "PATTERNS",
     "attention_density",
     "configure_hsa",
+    "dense_pattern_message",
     "get_hsa_spec",
     "get_hsa_state",
     "hsa_attention",
@@ -59,4 +62,5 @@ __all__ = [
     "register",
     "set_hsa_active",
     "validate_hsa_state",
+    "warn_if_dense",
 ]

@@ -28,19 +28,33 @@ on the chunked / permuted SDPA kernels, local_strided and head_split on SDPA wit
 ``attn_pdrop=0`` for speed.
 """
 
+import functools
 import os
+import sys
+import warnings
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+from transformers.utils import logging
 
 from .dispatch import hsa_attention
 from .impl.reference import reference_attention
-from .patterns import BACKENDS, LAYER_CHOICES, HSASpec, check_active  # noqa: F401 (LAYER_CHOICES: public name)
+from .patterns import (  # noqa: F401 (LAYER_CHOICES: public name)
+    BACKENDS,
+    LAYER_CHOICES,
+    HSASpec,
+    check_active,
+    dense_pattern_message,
+)
 
 HSA_NAME = "mst_hsa"
 HSA_BACKEND_ENV = "MST_HSA_BACKEND"
+# attention arguments that SDPA and the HSA kernels do not implement; a model passing one runs its own eager code
+EAGER_ONLY_KWARGS = ("softcap", "s_aux", "sinks")
+
+logger = logging.get_logger(__name__)
 DEFAULT_HSA_STATE = HSASpec().to_state(active=False)  # what `configure_hsa(model)` stores
 
 
@@ -231,23 +245,52 @@ def hsa_mask_interface(
     spec = HSASpec.from_state(state)
     if not check_active(state.get("active", False)):
         return sdpa_mask(**args)
+    if q_length == kv_length > 1 and not torch.compiler.is_compiling():  # a whole sequence, not a decoding step
+        warn_if_dense(spec, q_length)
     return HSAMask(spec, args)
+
+
+_WARNED_DENSE: set = set()
+
+
+def warn_if_dense(spec: HSASpec, seq_len: int) -> bool:
+    """Warn (once per spec) when `spec`'s pattern admits every causal pair at `seq_len`, so "HSA on" changes
+    nothing; returns whether the pattern is dense there. Called by the "mst_hsa" mask function on every forward
+    with the pattern on (cached by spec and length)."""
+    message = _dense_message(spec, seq_len)
+    if message is not None and spec not in _WARNED_DENSE:
+        _WARNED_DENSE.add(spec)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return message is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_message(spec: HSASpec, seq_len: int) -> str | None:
+    return dense_pattern_message(spec, seq_len)
 
 
 def hsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "mst_hsa" attention function: ``query (B, H, q, D)``, ``key``/``value`` ``(B, Hkv, kv, D)`` ->
     ``((B, q, H, D), None)``."""
+    eager = any(kwargs.get(name) is not None for name in EAGER_ONLY_KWARGS)  # softcap (Gemma 2), sinks (gpt-oss)
     if not isinstance(attention_mask, HSAMask):  # HSA off, or a 4-D mask supplied by the caller: plain SDPA
         mask = attention_mask
+        if eager:
+            return model_eager_attention(module, query, key, value, mask, dropout, scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     hsa, spec = attention_mask, attention_mask.spec
     sparse = spec.pattern != "dense" and spec.layer_is_sparse(getattr(module, "layer_idx", None))
     if not sparse or not getattr(module, "is_causal", True):
         mask = hsa.dense_mask()
+        if eager:
+            return model_eager_attention(module, query, key, value, mask, dropout, scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     backend = _backend(spec)
     if spec.head_split and query.shape[1] % 2:
         raise ValueError(f"`head_split=True` needs an even number of attention heads, got {query.shape[1]}.")
+    if eager:
+        return model_eager_attention(module, query, key, value, hsa.sparse_mask(query.shape[1]), dropout, scaling,
+                                     **kwargs)
     if hsa.structured and query.shape[2] > 1:
         out = hsa_attention(query, key, value, spec, scaling, backend, dropout)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous(), None
@@ -256,6 +299,32 @@ def hsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         out = reference_attention(query, key, value, mask, scaling).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def model_eager_attention(module, query, key, value, mask, dropout=0.0, scaling=None, **kwargs):
+    """The model's own eager attention under a boolean `mask` (True = attend; None = plain causal): the
+    ``eager_attention_forward`` of the module's modeling file, which applies softcapping, attention sinks, scaling
+    and dropout exactly as ``attn_implementation="eager"`` does. For models whose attention needs one of
+    `EAGER_ONLY_KWARGS`; correct in every phase and layer, but materialises the scores (no sparse speed-up)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    used = ", ".join(name for name in EAGER_ONLY_KWARGS if kwargs.get(name) is not None)
+    if eager is None:
+        raise NotImplementedError(
+            f"{type(module).__name__} passes {used} to its attention, which SDPA and the HSA kernels do not "
+            f"implement, and its module {type(module).__module__} has no `eager_attention_forward` to run instead. "
+            "Train it with `hsa_pattern='dense'` and `attn_implementation='eager'`."
+        )
+    logger.warning_once(
+        f"{type(module).__name__} needs its own eager attention ({used}): 'mst_hsa' runs it with the pattern as a "
+        "mask. Correct in every phase, but no faster than dense attention."
+    )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None and getattr(module, "is_causal", True):  # sdpa_mask's "plain causal" (aligned to the last key)
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+    if mask is not None and mask.dtype == torch.bool:  # eager code adds the mask to the scores
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register() -> None:

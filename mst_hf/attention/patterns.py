@@ -139,6 +139,34 @@ class HSASpec:
 STATE_KEYS = (*(f.name for f in dataclasses.fields(HSASpec)), "active")
 
 
+def dense_pattern_message(spec: HSASpec, seq_len: int) -> str | None:
+    """``None`` when `spec`'s pattern drops causal pairs at `seq_len`; otherwise a sentence naming the pattern,
+    the length and the sizes that would make it sparse there (``dense`` itself is never reported: it was asked for).
+
+    Pure: a pattern is dense at a length exactly when its `HSASpec.density` there is 1.0. Why it happens: local
+    keeps every key within ``window``, so ``window >= seq_len`` keeps all; ``local_strided`` also needs some
+    distance ``>= window`` that is not a multiple of ``stride``; ``fixed`` needs a key outside the query's block
+    that is not a summary position (``block < seq_len``, ``block >= 2``); ``strided`` needs ``stride >= 2``.
+    """
+    if spec.pattern == "dense" or spec.density(seq_len) < 1.0:
+        return None
+    size = max(seq_len // 4, 2)
+    longer = ", or train on longer sequences"
+    if spec.head_split or spec.pattern == "local":
+        fix = f"window < {seq_len} (e.g. window={size}){longer}"
+    elif spec.pattern == "strided":
+        fix = f"stride >= 2 (e.g. stride={size})"  # stride 1 keeps every key at any length
+    elif spec.pattern == "local_strided":
+        fix = f"window < {max(seq_len - 1, 1)} and stride >= 2 (e.g. window=stride={size}){longer}"
+    else:
+        fix = f"2 <= block < {seq_len} (e.g. block={size}){longer}"
+    return (
+        f"HSA pattern {spec.pattern!r} (window={spec.window}, stride={spec.stride}, block={spec.block}) admits every "
+        f"causal pair at sequence length {seq_len}: attention is dense (density 1.0) although HSA is on. For a "
+        f"sparse pattern at this length use {fix}."
+    )
+
+
 def check_active(active) -> bool:
     """The HSA on/off switch must be a bool."""
     if not isinstance(active, bool):

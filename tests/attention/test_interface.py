@@ -231,3 +231,21 @@ def test_cuda_model_training_steps_do_not_recompile():
     ORACLE_MASKS.update({2: ORACLE_MASKS[0], 3: ORACLE_MASKS[1]})
     with torch.no_grad():
         assert relative_error(model(ids).logits, oracle(ids).logits) < 1e-3
+
+
+def test_a_pattern_that_is_dense_at_the_trained_length_warns_once(monkeypatch):
+    import warnings
+
+    import mst_hf.attention.interface as interface
+
+    monkeypatch.setattr(interface, "_WARNED_DENSE", set())
+    model = build("llama", "mst_hsa")
+    hsa.configure_hsa(model, pattern="local_strided", window=128, stride=128, active=True)  # SEQ = 21 tokens
+    ids = torch.randint(3, VOCAB, (1, SEQ))
+    with pytest.warns(UserWarning, match=f"'local_strided'.*sequence length {SEQ}.*window < {SEQ - 1}"):
+        model(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids)  # once per spec
+        hsa.configure_hsa(model, pattern="local_strided", window=4, stride=3, active=True)
+        model(ids)  # sparse at this length: nothing to say

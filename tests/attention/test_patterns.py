@@ -9,6 +9,7 @@ from mst_hf.attention.patterns import (
     PATTERNS,
     HSASpec,
     attention_density,
+    dense_pattern_message,
     generate_dense_causal_mask,
     generate_fixed_mask,
     generate_local_mask,
@@ -200,3 +201,41 @@ def test_mst_config_defaults_are_the_spec_defaults():
     from mst_hf import MSTConfig
 
     assert HSASpec.from_config(MSTConfig()) == HSASpec()
+
+
+# --- a pattern that admits every causal pair at the trained length is reported -----------------------------------
+DENSE_CASES = [  # (spec, seq_len): the brute-force mask decides whether every causal pair is admitted
+    (HSASpec("local_strided", 128, 128), 128),
+    (HSASpec("local_strided", 128, 128), 129),
+    (HSASpec("local_strided", 128, 128), 130),
+    (HSASpec("local_strided", 6, 3), 8),
+    (HSASpec("local_strided", 6, 2), 8),
+    (HSASpec("local", 16), 16),
+    (HSASpec("local", 16), 17),
+    (HSASpec("strided", stride=1), 9),
+    (HSASpec("strided", stride=2), 2),
+    (HSASpec("fixed", block=8), 8),
+    (HSASpec("fixed", block=8), 9),
+    (HSASpec("fixed", block=1), 9),
+    (HSASpec("local_strided", 8, 1, head_split=True), 8),
+    (HSASpec("local_strided", 4, 1, head_split=True), 8),
+]
+
+
+@pytest.mark.parametrize("spec,seq_len", DENSE_CASES, ids=[f"{s.pattern}-{s.window}-{s.stride}-{s.block}-{t}"
+                                                           for s, t in DENSE_CASES])
+def test_dense_pattern_message_iff_every_causal_pair_is_admitted(spec, seq_len):
+    heads = 2 if spec.head_split else 1
+    every_pair = all(
+        admitted_by_hand(spec.pattern, q, k, spec.window, spec.stride, spec.block, h, heads, spec.head_split)
+        for h in range(heads) for q in range(seq_len) for k in range(q + 1)
+    )
+    message = dense_pattern_message(spec, seq_len)
+    assert (message is not None) == every_pair
+    assert (spec.density(seq_len) == 1.0) == every_pair
+    if every_pair:
+        assert repr(spec.pattern) in message and f"sequence length {seq_len}" in message
+
+
+def test_dense_pattern_is_never_reported():
+    assert dense_pattern_message(HSASpec("dense"), 16) is None
