@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import MaskState, check_shapes
-from ..targets import find_targets, unwrap_model
+from ..targets import find_targets, has_peft_layers, unwrap_model
 from .attach import as_mask_dict
 from .checkpoint import read_saved_info, saved_phase
 from .formats import (
@@ -46,7 +46,7 @@ UPLOAD_IGNORE = ["_*", "checkpoint-*", "*.tmp*"]
 # ------------------------------------------------------------------------------------------------ compact file
 def _plain_model(model):
     model = unwrap_model(model)
-    if hasattr(model, "get_base_model") or getattr(model, "_hf_peft_config_loaded", False):
+    if has_peft_layers(model):  # a PeftModel, a loaded adapter, or a base model with injected LoRA layers
         raise TypeError("This is a PEFT model: merge the adapters first with mst_hf.merge_lora_sparse(peft_model, "
                         "masks), then save or push the merged model.")
     return model

@@ -89,3 +89,10 @@ def test_mst_trainer_refuses_a_peft_model(sparse_checkpoint, tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(NotImplementedError, match=r"plain\s+transformers.Trainer.*merge_lora_sparse"):
         MSTTrainer(peft_model, args, mst_config=MSTConfig(hsa_pattern="dense"), train_dataset=toy_dataset(8))
+
+
+def test_save_sparse_refuses_a_base_model_with_injected_lora_layers(sparse_checkpoint, tmp_path):
+    peft_model = lora(AutoModelForCausalLM.from_pretrained(str(sparse_checkpoint)))
+    with pytest.raises(TypeError, match="merge_lora_sparse"):  # its state dict holds lora_A/lora_B, not the model
+        mst_hf.save_sparse(peft_model.get_base_model(), str(tmp_path / "compact"))
+    assert not (tmp_path / "compact").exists()
