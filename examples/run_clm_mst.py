@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.max_steps}; `--num_train_epochs` alone is not enough)."
         )
     # MST: check the MST arguments before any data is loaded.
-    to_mst_config(mst_args, max(training_args.max_steps, 1), data_args.block_size or DEFAULT_BLOCK_SIZE)
+    to_mst_config(mst_args, training_args.max_steps, data_args.block_size or DEFAULT_BLOCK_SIZE)
 
     # Training into an output_dir that holds checkpoints continues from the newest one, unless
     # --resume_from_checkpoint names another.
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(model_args, data_args.block_size)
     block_size = resolve_block_size(data_args, tokenizer, config)
     train_dataset, eval_dataset = tokenize_and_group(raw_datasets, tokenizer, data_args, block_size, training_args)
-    mst_config = to_mst_config(mst_args, max(training_args.max_steps, 1), block_size)  # MST
+    mst_config = to_mst_config(mst_args, training_args.max_steps, block_size)  # MST
     if not training_args.do_train:  # MST: evaluation only: never prune the given model's weights
         mst_config.initial_sparsity = 0.0
     logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")  # MST

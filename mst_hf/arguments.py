@@ -149,9 +149,10 @@ MSTArguments = mst_arguments_dataclass()
 # ------------------------------------------------------------------------------------------------ to MSTConfig
 def run_scaled_defaults(max_steps: int | None = None, block_size: int | None = None) -> dict:
     """Defaults for short runs and short sequences: a topology update about every ``max_steps // 25`` steps (at
-    most every 100) and an HSA window, stride and block of ``block_size // 8`` for blocks under 1024 tokens."""
+    most every 100) and an HSA window, stride and block of ``block_size // 8`` for blocks under 1024 tokens. A
+    ``max_steps`` of ``None`` or below 1 (unknown) and a ``block_size`` of ``None`` leave those fields alone."""
     scaled = {}
-    if max_steps is not None:
+    if max_steps is not None and max_steps > 0:  # TrainingArguments' max_steps is -1 when epochs decide
         scaled["update_interval"] = min(100, max(1, max_steps // 25))
     if block_size is not None and block_size < 1024:
         scaled.update(dict.fromkeys(("hsa_window", "hsa_stride", "hsa_block"), max(1, block_size // 8)))

@@ -40,8 +40,11 @@ def plot_schedule(trace: dict, path: str, title: str | None = None) -> str:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("plot_schedule needs matplotlib: `pip install matplotlib`.") from err
+    except ImportError as err:
+        raise ImportError(
+            'plot_schedule needs matplotlib, which comes with the example extra: pip install -e ".[example]" (or '
+            "pip install matplotlib)."
+        ) from err
     if not isinstance(trace, dict) or "step" not in trace:
         raise ValueError(f"`trace` must be a dict with a 'step' sequence, got keys {sorted(trace)!r}.")
     steps = np.asarray(trace["step"])

@@ -96,3 +96,10 @@ def test_plan_command_line_prints_no_runpy_warning():
     proc = run_python("", "-m", "mst_hf.plan", "--preset", "gpt2-4x", "--steps", "1000", "--json")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (proc.returncode, "Warning" in proc.stderr, summary["total_steps"]) == (0, False, 1000), proc.stderr
+
+
+def test_every_shipped_data_folder_has_its_license_notes():
+    data = os.path.join(ROOT, "mst_hf", "data")
+    folders = sorted(f for f in os.listdir(data) if os.path.isdir(os.path.join(data, f)))
+    missing = [f for f in folders if not os.path.isfile(os.path.join(data, f, "LICENSE"))]
+    assert len(folders) >= 2 and missing == []
