@@ -5,8 +5,8 @@ density, times ``y = x @ W^T`` plus ``dX`` and ``dW`` for 16k bf16 tokens: the d
 is cuBLAS) and the block kernel on the same masked weight, interleaved in one run (CUDA events, warm-up, median
 of rounds). A short sweep of the launch parameters runs first and the main table uses its winners.
 
-Writes under --out: ``blocksparse_linear.md`` (tables), ``blocksparse_breakeven.json`` (what
-``mst_hf.kernels.choose_kernel`` reads) and ``blocksparse_tune.json`` (the sweep).
+Writes under --out: ``blocksparse_linear.md`` (tables) and ``blocksparse_breakeven.json`` (what
+``mst_hf.kernels.choose_kernel`` reads, with every measurement and the sweep).
 
     PYTHONPATH=. python3 bench/blocksparse_linear.py --out $OUT
 """
@@ -294,13 +294,10 @@ def main(argv=None):
         tokens=args.tokens, dtype="bfloat16", hardware=hw, margin=BREAK_EVEN_MARGIN,
         date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         command="PYTHONPATH=. python3 bench/blocksparse_linear.py " + " ".join(sys.argv[1:]),
-        launch={str(k): v for k, v in launch.LAUNCH.items()}, break_even=be, measurements=rows,
+        launch={str(k): v for k, v in launch.LAUNCH.items()}, break_even=be, measurements=rows, tune=tune_result,
     )}}
     with open(os.path.join(args.out, "blocksparse_breakeven.json"), "w") as f:
-        json.dump(table, f, indent=1)
-    if tune_result:
-        with open(os.path.join(args.out, "blocksparse_tune.json"), "w") as f:
-            json.dump(tune_result, f, indent=1, default=str)
+        json.dump(table, f, indent=1, default=str)
     print(f"wrote {args.out} in {elapsed:.0f} s")
 
 
