@@ -69,20 +69,94 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(np.bool_)).view(shape)
 
 
-class MaskState:
-    """Masks (``True`` = active) for a set of named parameters."""
+class PlainLayout:
+    """Where a parameter's mask lives: for a plain parameter, the stored mask is the whole mask.
 
-    def __init__(self, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor] | None = None):
+    :class:`MaskState` asks its layout these five things, so that sharded parameters need no code here:
+    ``mst_hf.sharding`` answers the same five for FSDP2 parameters (``DTensor``; the stored mask is then the
+    local shard of the full mask)."""
+
+    @staticmethod
+    def local(tensor):
+        """The part of a parameter, gradient or optimizer state that this process holds."""
+        return tensor
+
+    @staticmethod
+    def full_mask(mask, param):
+        """The full mask from the stored ``mask`` of ``param``."""
+        return mask
+
+    @staticmethod
+    def local_mask(mask, param):
+        """The mask to store for ``param`` from its full ``mask``."""
+        return mask
+
+    @staticmethod
+    def global_count(mask, param) -> int:
+        """Active entries of the full mask whose stored part is ``mask``."""
+        return int(mask.sum().item())
+
+    @staticmethod
+    def all_ranks(flag: bool, params) -> bool:
+        """Whether ``flag``, computed on this process's parts of ``params``, holds for the full tensors."""
+        return flag
+
+
+class MaskState:
+    """Masks (``True`` = active) for a set of named parameters.
+
+    ``masks`` (optional) are full masks (global shapes); ``layout`` says how a mask is stored for its parameter
+    (default :class:`PlainLayout`: whole; ``mst_hf.sharding`` for FSDP2, where each process keeps the shard of
+    the mask that matches its shard of the parameter). Counts, densities, digests and saved masks are always
+    those of the full masks."""
+
+    def __init__(self, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor] | None = None, layout=None):
         self.params = dict(params)
-        if masks is None:
-            masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
-        missing = sorted(set(self.params) - set(masks))
-        if missing:
-            raise ValueError(f"No mask given for parameters {missing}.")
-        self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
-        self._lists = None
+        self.layout = PlainLayout if layout is None else layout
         self._active: dict[str, int] = {}  # cached counts (a count is a host sync: only recount after a change)
+        if masks is None:
+            local = {n: self.layout.local(p) for n, p in self.params.items()}
+            self.masks = {n: torch.ones_like(t, dtype=torch.bool) for n, t in local.items()}
+            self._active = {n: p.numel() for n, p in self.params.items()}
+        else:
+            missing = sorted(set(self.params) - set(masks))
+            if missing:
+                raise ValueError(f"No mask given for parameters {missing}.")
+            self.masks = {}
+            for n, p in self.params.items():
+                self._store(n, masks[n].to(device=p.device, dtype=torch.bool))
+        self._lists = None
         self._zeros: dict = {}
+
+    def _store(self, name: str, full: torch.Tensor) -> None:
+        """Keep this process's part of the full mask ``full`` of ``name``; a shard is counted now (it cannot count
+        the full mask later without communication), a whole mask when first asked."""
+        self.masks[name] = self.layout.local_mask(full, self.params[name])
+        if self.masks[name] is full:
+            self._active.pop(name, None)
+        else:
+            self._active[name] = int(full.sum().item())
+
+    def full_mask(self, name: str) -> torch.Tensor:
+        """The full mask of ``name`` (global shape; a collective when the parameter is sharded)."""
+        return self.layout.full_mask(self.masks[name], self.params[name])
+
+    def rebind(self, params: dict[str, nn.Parameter]) -> None:
+        """Point masks at new parameter objects of the same names and global shapes, e.g. the ``DTensor``
+        parameters with which FSDP2's ``fully_shard`` replaces a model's parameters; each mask is re-cut to the
+        new parameter's shard. A collective when an old parameter was sharded (call it on every rank)."""
+        for name, new in params.items():
+            old = self.params[name]
+            if new is old:
+                continue
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(f"Cannot move the mask of `{name}` from a parameter of shape {tuple(old.shape)} to "
+                                 f"one of shape {tuple(new.shape)}: the model changed shape.")
+            count, full = self.active(name), self.full_mask(name).to(new.device)
+            self.params[name] = new
+            self._store(name, full)
+            self._active[name] = count
+        self._lists = None
 
     # ------------------------------------------------------------------ applying
     def _tensor_lists(self):
@@ -118,7 +192,7 @@ class MaskState:
         if params[0].device != masks[0].device:
             self._sync_devices()
             params, masks = self._tensor_lists()
-        data = [p.data for p in params]
+        data = [self.layout.local(p).data for p in params]
         self._keep_active(data, masks)
         torch._foreach_add_(data, 0.0)  # -0.0 + 0.0 == +0.0
 
@@ -126,64 +200,72 @@ class MaskState:
     def apply_to_grads(self) -> None:
         """Zero the gradient of every pruned weight (before the optimizer step)."""
         params, masks = self._tensor_lists()
-        pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+        pairs = [(self.layout.local(p.grad), m) for p, m in zip(params, masks) if p.grad is not None]
         if pairs:
             self._keep_active([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def grads_finite(self) -> bool:
         """Whether every gradient of the masked weights is finite (one host sync; only called at update steps)."""
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all().item())
+        grads = [self.layout.local(p.grad) for p in self.params.values() if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all().item()) if grads else True
+        return self.layout.all_ranks(finite, self.params.values())
 
     @torch.no_grad()
-    def set_mask(self, name: str, new_mask: torch.Tensor, optimizer=None) -> tuple[int, int]:
+    def set_mask(self, name: str, new_mask: torch.Tensor, optimizer=None, regrow_optimizer_state: str = "zero",
+                 regrow_init: str = "zero", regrow_init_scale: float = 0.1) -> tuple[int, int]:
         """Replace one mask. Removed weights are zeroed; added weights start at 0; the optimizer state of every
-        changed position (Adam's ``exp_avg``/``exp_avg_sq``, SGD momentum, ...) is zeroed. Returns
-        ``(n_removed, n_added)`` relative to the old mask (a connection dropped and regrown at once is unchanged)."""
+        changed position (Adam's ``exp_avg``/``exp_avg_sq``, SGD momentum, ...) is zeroed. ``new_mask`` is
+        the full mask (global shape). Returns ``(n_removed, n_added)`` relative to the old mask (a connection dropped
+        and regrown at once is unchanged).
+
+        With the parameter's dense gradient in ``.grad`` (a topology update), ``regrow_optimizer_state="warm"`` and
+        ``regrow_init="gradient"`` start the added positions from it instead (:func:`warm_regrown`)."""
         param, old = self.params[name], self.masks[name]
-        new_mask = new_mask.to(device=old.device, dtype=torch.bool)
-        removed = old & ~new_mask
-        added = new_mask & ~old
+        self._store(name, new_mask.to(device=old.device, dtype=torch.bool))
+        new = self.masks[name]  # this process's part (all of it unless sharded): every change below is local
+        removed = old & ~new
+        added = new & ~old
         changed = removed | added
-        param.data.masked_fill_(changed, 0.0)
+        self.layout.local(param).data.masked_fill_(changed, 0.0)
         if optimizer is not None:
-            zero_optimizer_state(optimizer, param, changed)
-        self.masks[name] = new_mask
+            zero_optimizer_state(optimizer, param, changed, self.layout)
+        if param.grad is not None and (regrow_optimizer_state == "warm" or regrow_init == "gradient"):
+            warm_regrown(param, old & new, added, optimizer if regrow_optimizer_state == "warm" else None,
+                         regrow_init_scale if regrow_init == "gradient" else None, self.layout)
         self._lists = None
-        self._active.pop(name, None)
-        return int(removed.sum().item()), int(added.sum().item())
+        return self.layout.global_count(removed, param), self.layout.global_count(added, param)
 
     # ------------------------------------------------------------------ reading
     def active(self, name: str) -> int:
         """Number of active connections of one matrix (cached until its mask changes)."""
         if name not in self._active:
-            self._active[name] = int(self.masks[name].sum().item())
+            self._active[name] = self.layout.global_count(self.masks[name], self.params[name])
         return self._active[name]
 
     def density(self, name: str) -> float:
-        return self.active(name) / self.masks[name].numel()
+        return self.active(name) / self.params[name].numel()
 
     def layer_sparsities(self) -> dict[str, float]:
         return {n: 1.0 - self.density(n) for n in self.masks}
 
     def sparsity(self) -> float:
         """Global sparsity over all masked weights."""
-        total = sum(m.numel() for m in self.masks.values())
+        total = sum(p.numel() for p in self.params.values())
         active = sum(self.active(n) for n in self.masks)
         return 1.0 - active / total
 
     def digest(self) -> str:
-        """SHA-256 of all masks (in name order): equal on every rank when masks agree."""
-        return tensor_digest({name: pack_mask(mask) for name, mask in self.masks.items()})
+        """SHA-256 of all masks (in name order): equal on every rank when masks agree (a collective when sharded)."""
+        return tensor_digest({name: pack_mask(self.full_mask(name)) for name in self.masks})
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: packed uint8 bits}`` plus ``{name + ".__shape__": int64 shape}`` (safetensors-ready)."""
+        """``{name: packed uint8 bits}`` plus ``{name + ".__shape__": int64 shape}`` (safetensors-ready) of the full
+        masks (when sharded, a collective gathering one mask at a time: call it on every rank)."""
         out = {}
-        for name, mask in self.masks.items():
+        for name in self.masks:
+            mask = self.full_mask(name)
             out[name] = pack_mask(mask)
             out[name + SHAPE_SUFFIX] = torch.tensor(list(mask.shape), dtype=torch.int64)
         return out
@@ -196,19 +278,69 @@ class MaskState:
                 raise ValueError(f"Mask file has no shape entry for `{name}`: it is not an mst_hf mask file.")
             shapes[name] = tuple(int(x) for x in state[name + SHAPE_SUFFIX].tolist())
         check_shapes(shapes, self.params, "Mask file")
-        loaded = {name: unpack_mask(state[name], shapes[name]).to(param.device) for name, param in self.params.items()}
-        self.masks = loaded
-        self._lists = None
         self._active = {}
+        for name, param in self.params.items():  # one full mask at a time
+            self._store(name, unpack_mask(state[name], shapes[name]).to(param.device))
+        self._lists = None
         if apply:
             self.apply_to_weights()
 
 
-def zero_optimizer_state(optimizer, param: torch.Tensor, positions: torch.Tensor) -> None:
-    """Zero, at ``positions``, every per-element state tensor the optimizer keeps for ``param``."""
+def zero_optimizer_state(optimizer, param: torch.Tensor, positions: torch.Tensor, layout=PlainLayout) -> None:
+    """Zero, at ``positions`` (of this process's part of ``param``, see ``layout``), every per-element state tensor
+    the optimizer keeps for ``param``."""
     state = optimizer.state.get(param)
     if not state:
         return
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(positions.to(value.device), 0)
+            layout.local(value).masked_fill_(positions.to(value.device), 0)
+
+
+def _adam_betas(optimizer, param) -> tuple[float, float] | None:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            betas = group.get("betas")
+            return (float(betas[0]), float(betas[1])) if betas is not None else None
+    return None
+
+
+@torch.no_grad()
+def warm_regrown(param, kept: torch.Tensor, added: torch.Tensor, optimizer=None, init_scale: float | None = None,
+                 layout=PlainLayout) -> None:
+    """Start regrown connections (``added``) from the dense gradient ``g = param.grad`` the update already has.
+
+    * ``optimizer`` given (``regrow_optimizer_state="warm"``), Adam-style state only (``exp_avg``, ``exp_avg_sq``,
+      ``betas``): the moments the weight would hold had its gradient been ``g`` at each of the ``k`` steps taken so
+      far, ``m = g (1 - b1^k)``, ``v = g^2 (1 - b2^k)`` (``max_exp_avg_sq`` too). With the shared bias correction of
+      step ``k + 1`` the next update is then ``lr * sign(g)`` where zeroed moments give
+      ``(1 - b1) / sqrt(1 - b2) ~ 3.2`` times that for ``b2 = 0.999``. Other optimizers keep zeroed state.
+    * ``init_scale`` given (``regrow_init="gradient"``): ``w = -init_scale * mean(|w_kept|) * g / rms(g_added)``, a
+      small step against the gradient whose RMS is ``init_scale`` times the typical magnitude of the layer's kept
+      weights (no change when the layer keeps no weight or the added gradients are all 0).
+
+    Works on this process's part of a sharded parameter (``layout``): statistics are then those of the shard."""
+    grad, data = layout.local(param.grad), layout.local(param).data
+    added = added.to(grad.device)
+    if not bool(added.any()):
+        return
+    g = grad[added].float()
+    if init_scale is not None:
+        kept = kept.to(data.device)
+        rms = g.pow(2).mean().sqrt()
+        if bool(kept.any()) and float(rms) > 0:
+            typical = data[kept].abs().float().mean()
+            data[added] = (-init_scale * typical * g / rms).to(data.dtype)
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    betas = _adam_betas(optimizer, param)
+    if not state or betas is None or "exp_avg" not in state or "exp_avg_sq" not in state:
+        return
+    k = float(state["step"]) if "step" in state else 0.0
+    b1, b2 = betas
+    for key, value in (("exp_avg", g * (1.0 - b1**k)), ("exp_avg_sq", g * g * (1.0 - b2**k)),
+                       ("max_exp_avg_sq", g * g * (1.0 - b2**k))):
+        if key in state and torch.is_tensor(state[key]) and state[key].shape == param.shape:
+            target = layout.local(state[key])
+            target[added.to(target.device)] = value.to(target.dtype)

@@ -133,11 +133,15 @@ def mask_tensors(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: unpack_mask(packed[name], shape) for name, shape in packed_shapes(packed).items()}
 
 
-def save_masks(masks: MaskState, directory: str) -> str:
-    """Write ``mst_masks.safetensors`` for ``masks`` into ``directory``; returns the file's path."""
-    os.makedirs(directory, exist_ok=True)
+def save_masks(masks: MaskState, directory: str, write: bool = True) -> str:
+    """Write ``mst_masks.safetensors`` for ``masks`` into ``directory``; returns the file's path. FSDP2-sharded
+    masks are gathered into the full masks first (the same file an unsharded run writes): call it on every rank,
+    with ``write`` true on the one that writes."""
     path = os.path.join(directory, MASKS_NAME)
     state = masks.state_dict()
+    if not write:
+        return path
+    os.makedirs(directory, exist_ok=True)
     write_safetensors(path, state, {"format": MASKS_FORMAT, "version": FORMAT_VERSION, "digest": packed_digest(state)})
     return path
 
