@@ -54,6 +54,7 @@ class MSTController:
         self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
         self.hsa_on: bool | None = None
+        self.hsa_density = 1.0  # attended / causal pairs of the sparse layers at the last batch's length (1.0: dense)
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
         if initialize_masks and mst_config.initial_sparsity > 0:
@@ -142,7 +143,19 @@ class MSTController:
             self.hsa_on = on
         if inputs is not None:
             self.flops.add_inputs(inputs, world_size=_world_size() if world_size is None else world_size)
+            self.hsa_density = self._hsa_density(on, inputs)
         return on
+
+    def _hsa_density(self, on: bool, inputs) -> float:
+        """The exact density of the sparse pattern at this batch's sequence length (1.0 when it is off): a pattern
+        that admits every causal pair there (e.g. window 128 on 128 tokens) is dense although HSA is on."""
+        x = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        x = inputs.get("inputs_embeds") if x is None and hasattr(inputs, "get") else x
+        if not on or self.config.hsa_pattern == "dense" or x is None or x.dim() < 2:
+            return 1.0
+        from .attention import HSASpec
+
+        return HSASpec.from_config(self.config).density(int(x.shape[1]))
 
     def is_update_step(self, step: int, total_steps: int) -> bool:
         """Whether ``after_backward(step, ...)`` updates the topology (once per step, also across a resume)."""
@@ -222,7 +235,8 @@ class MSTController:
             "mst/sparsity": self.masks.sparsity(),
             "mst/phase": float(schedule.PHASES.index(schedule.phase(step, total, self.config))),
             "mst/drop_fraction": schedule.drop_fraction(step, total, self.config),
-            "mst/hsa": float(bool(self.hsa_on)),
+            "mst/hsa": float(bool(self.hsa_on) and self.hsa_density < 1.0),  # on, and sparse at this length
+            "mst/hsa_density": float(self.hsa_density),
             **self.flops.metrics(),  # mst/step_flops, total_flops, dense_total_flops, flop_reduction, ...
         }
 
