@@ -12,6 +12,7 @@ from .dispatch import (
     disable_block_sparse,
     enable_block_sparse,
     load_table,
+    set_kernels,
 )
 from .layout import BLOCK_SIZES, BlockLayout, block_mask_from_weight, build_index
 from .ops import block_sparse_linear
@@ -32,4 +33,5 @@ __all__ = [
     "load_table",
     "reference_grads",
     "reference_linear",
+    "set_kernels",
 ]

@@ -85,6 +85,43 @@ def disable_block_sparse(module: nn.Module) -> None:
         del module.forward
 
 
+def set_kernels(
+    modules: dict[str, nn.Module],
+    masks: dict[str, torch.Tensor],
+    block_size: int,
+    tokens: int,
+    dense: bool = False,
+    device_name: str | None = None,
+    path: str | None = None,
+) -> dict[str, str]:
+    """Put each named module on the kernel :func:`choose_kernel` picks for its mask; returns ``{name: choice}``.
+
+    `masks` holds element (or block) masks by the same names, in the weights' storage layout. ``dense=True`` puts
+    every module on dense kernels (e.g. for a topology-update step, whose growth needs the dense gradient).
+    Call it at phase changes and after each topology update; the returned choices are what to log.
+    """
+    choices = {}
+    for name, module in modules.items():
+        choice = "dense"
+        if not dense:
+            conv1d = _is_conv1d(module)
+            n_out, n_in = (module.weight.shape[1], module.weight.shape[0]) if conv1d else tuple(module.weight.shape)
+            mask = masks[name]
+            if n_in % block_size == 0 and n_out % block_size == 0:
+                elementwise = mask.shape == module.weight.shape
+                blocks = block_mask_from_weight(mask, block_size, conv1d) if elementwise else mask
+                dev = module.weight.device
+                gpu = device_name or (torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type)
+                density = blocks.float().mean().item()
+                choice = choose_kernel(n_in, n_out, tokens, density, block_size, gpu, path)
+        if choice == "block":
+            enable_block_sparse(module, masks[name], block_size)
+        else:
+            disable_block_sparse(module)
+        choices[name] = choice
+    return choices
+
+
 def block_sparse_layout(module: nn.Module) -> BlockLayout | None:
     """The layout `module` runs with, or None when it is on dense kernels."""
     state = getattr(module, _STATE, None)

@@ -26,6 +26,7 @@ from mst_hf.kernels import (  # noqa: E402
     expand_block_mask,
     reference_grads,
     reference_linear,
+    set_kernels,
 )
 from mst_hf.kernels.triton import launch  # noqa: E402
 
@@ -237,6 +238,24 @@ def test_choose_kernel_table(tmp_path):
     assert choose_kernel(density=0.1, device_name="NVIDIA H200", **{**args, "tokens": 1024}) == "dense"
     assert choose_kernel(density=0.1, device_name="NVIDIA H200", **{**args, "block_size": 64}) == "dense"
     assert choose_kernel(density=0.1, device_name="NVIDIA H200", **{**args, "n_in": 768 // 4}) == "dense"
+
+
+def test_set_kernels_follows_table_and_dense_flag(tmp_path):
+    table = {"devices": {"cpu": {"tokens": 64, "break_even": [
+        {"n_in": 64, "n_out": 64, "block_size": 32, "break_even_density": 0.6}]}}}
+    path = tmp_path / "t.json"
+    path.write_text(__import__("json").dumps(table))
+    sparse, full = nn.Linear(64, 64), nn.Linear(64, 64)
+    half = torch.zeros(64, 64, dtype=torch.bool)
+    half[:32] = True  # two of four blocks: density 0.5 < 0.6
+    masks = {"sparse": half, "full": torch.ones(64, 64, dtype=torch.bool)}
+    modules = {"sparse": sparse, "full": full}
+    choices = set_kernels(modules, masks, 32, tokens=64, device_name="cpu", path=str(path))
+    assert choices == {"sparse": "block", "full": "dense"}
+    assert block_sparse_layout(sparse).nnz == 2 and block_sparse_layout(full) is None
+    update_step = set_kernels(modules, masks, 32, tokens=64, dense=True, path=str(path))
+    assert update_step == {"sparse": "dense", "full": "dense"}
+    assert block_sparse_layout(sparse) is None
 
 
 def rel_err(a, b):
