@@ -29,6 +29,8 @@ MODELS = {
     "llama-1b-8l": lambda seq: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
                                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
                                            max_position_embeddings=seq, tie_word_embeddings=False),
+    "tiny": lambda seq: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=seq),
     "gpt2-124m": lambda seq: GPT2Config(vocab_size=50304, n_positions=seq, n_layer=12, n_embd=768, n_head=12,
                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
 }
@@ -53,23 +55,30 @@ class Timer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in (self.skip, state.max_steps):
-            torch.cuda.synchronize()
+            _sync()
             if state.global_step == self.skip:
                 self.t0 = time.perf_counter()
             else:
                 self.t1 = time.perf_counter()
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run(kind: str, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(MODELS[args.model](args.seq_len), attn_implementation="sdpa")
+    cuda = torch.cuda.is_available()
     targs = TrainingArguments(output_dir="/tmp/mst_step", max_steps=args.steps,
-                              per_device_train_batch_size=args.batch, learning_rate=3e-4, bf16=True,
-                              logging_steps=10**6, report_to=[], save_strategy="no",
-                              disable_tqdm=True, seed=0, lr_scheduler_type="constant", dataloader_num_workers=2)
+                              per_device_train_batch_size=args.batch, learning_rate=3e-4, bf16=cuda,
+                              logging_steps=10**6, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+                              lr_scheduler_type="constant", dataloader_num_workers=2 if cuda else 0, use_cpu=not cuda)
     data = Tokens(args.steps * args.batch, args.seq_len, model.config.vocab_size)
     timer = Timer(args.skip)
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if kind == "dense":
         trainer = Trainer(model, targs, train_dataset=data, callbacks=[timer])
     else:
@@ -83,17 +92,23 @@ def run(kind: str, args) -> dict:
         trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=[timer])
     t_start = time.perf_counter()
     out = trainer.train()
-    torch.cuda.synchronize()
+    _sync()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     result = {"kind": kind, "timed_s": timer.t1 - timer.t0, "timed_steps": args.steps - args.skip,
-              "wall_s": time.perf_counter() - t_start, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "wall_s": time.perf_counter() - t_start, "peak_gib": peak,
               "loss": out.training_loss}
     if kind == "mst":
         result["flop_reduction"] = trainer.mst.flops.metrics().get("mst/flop_reduction")
         wk = trainer.mst.weight_kernels
         result["kernel_choice"] = {} if wk is None else dict(wk.choice)
     del trainer, model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return result
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
 def main():
@@ -120,7 +135,7 @@ def main():
             print(json.dumps({k: v for k, v in res.items() if k != "kernel_choice"}), flush=True)
     flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
     lines = [f"Command: `PYTHONPATH=. python bench/mst_step.py {flags}`",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {torch.cuda.get_device_name(0)}, torch "
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_device()}, torch "
              f"{torch.__version__}", "",
              "| repeat | dense s/step | MST s/step | speed-up (dense time / MST time) | dense peak GiB | MST peak GiB "
              "| counted FLOP reduction |", "|---|---|---|---|---|---|---|"]
