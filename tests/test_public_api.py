@@ -39,3 +39,15 @@ def test_public_classes_are_the_documented_bases():
 
     assert issubclass(mst_hf.MSTConfig, PretrainedConfig) and issubclass(mst_hf.MSTTrainer, Trainer)
     assert mst_hf.MSTConfig.model_type == "mst" and mst_hf.MST_CONFIG_NAME == "mst_config.json"
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    import pathlib
+
+    from mst_hf.config import _MST_FIELDS
+
+    api = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [f.name for f in dataclasses.fields(mst_hf.MSTConfig) if f.name in _MST_FIELDS
+               and f"| `{f.name}` |" not in api]
+    assert missing == []
