@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mst_hf.kernels import BlockLayout, block_sparse_linear, expand_block_mask
+from mst_hf.kernels import BlockLayout, block_sparse_linear, expand_block_mask, ops
 from mst_hf.kernels.triton import launch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -180,7 +180,28 @@ def measure_shape(name, n_in, n_out, tokens, blocks, densities, gen, reps, round
     return rows
 
 
-def markdown(rows, tune_result, args, hw, elapsed):
+def host_paths(gen, reps, rounds, d=768, token_counts=(16384, 1024)):
+    """fwd+bwd ms of the eager autograd.Function path vs the custom-op path (d=768, density 0.1, block 64) at
+    16384 and 1024 tokens: the difference is host time per layer."""
+    out = {}
+    block = 64 if d % 64 == 0 else 16
+    w, layout = masked_weight(d, d, block, 0.1, gen)
+    for tokens in token_counts:
+        x = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        g = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE)
+
+        def run(path, x=x, g=g):
+            ops.EAGER_PATH = path
+            y = block_sparse_linear(x, w, None, layout)
+            torch.autograd.grad(y, (x, w), g)
+
+        times = time_interleaved({p: (lambda p=p: run(p)) for p in ("function", "op")}, reps=reps, rounds=rounds)
+        out[tokens] = times
+    ops.EAGER_PATH = "function"
+    return out
+
+
+def markdown(rows, tune_result, args, hw, elapsed, paths=None):
     densities = sorted({r["density"] for r in rows})
     lines = [
         f"# Block-sparse linear vs dense cuBLAS, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -223,6 +244,10 @@ def markdown(rows, tune_result, args, hw, elapsed):
                              f"{best['block_size']} (target {target}x: {verdict})")
     worst = max(r["rel_err"] for r in rows)
     lines += ["", f"Largest relative error of a block forward against dense on the same masked weight: {worst:.1e}."]
+    if paths:
+        lines += ["", "## Host paths (d=768, density 0.1, block 64, fwd+bwd ms)", "",
+                  "| tokens | autograd.Function (eager default) | custom ops |", "|---|---|---|"]
+        lines += [f"| {t} | {v['function']:.3f} | {v['op']:.3f} |" for t, v in paths.items()]
     if tune_result:
         lines += ["", "## Launch sweep (d=2048 MLP up, density 0.1; ms per call)", "",
                   "Dense at this shape: fwd {fwd:.3f}, dX {dx:.3f}, dW {dw:.3f} ms. ".format(**tune_result["dense_ms"])
@@ -279,8 +304,9 @@ def main(argv=None):
         for name, n_in, n_out in shapes(d)[:2]:
             rows += measure_shape(name, n_in, n_out, args.tokens, args.blocks, [0.1, 0.25], gen, args.reps,
                                   args.rounds, conv1d=True)
+    paths = host_paths(gen, args.reps, args.rounds, *((32, (40,)) if args.smoke else ()))
     elapsed = time.time() - t0
-    text = markdown(rows, tune_result, args, hw, elapsed)
+    text = markdown(rows, tune_result, args, hw, elapsed, paths)
     print(text)
     with open(os.path.join(args.out, "blocksparse_linear.md"), "w") as f:
         f.write(text)
@@ -295,6 +321,7 @@ def main(argv=None):
         date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         command="PYTHONPATH=. python3 bench/blocksparse_linear.py " + " ".join(sys.argv[1:]),
         launch={str(k): v for k, v in launch.LAUNCH.items()}, break_even=be, measurements=rows, tune=tune_result,
+        host_paths=paths,
     )}}
     with open(os.path.join(args.out, "blocksparse_breakeven.json"), "w") as f:
         json.dump(table, f, indent=1, default=str)

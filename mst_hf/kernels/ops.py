@@ -43,19 +43,42 @@ def _setup_context(ctx, inputs, output):
     ctx.block, ctx.conv1d, ctx.has_bias = block, conv1d, bias is not None
 
 
-def _backward(ctx, grad_out):
+def _grads(ctx, grad_out, grad_input, grad_weight):
     x, weight, index = ctx.saved_tensors
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.mst_hf.block_sparse_linear_grad_input(grad_out, weight, index, ctx.block, ctx.conv1d)
+        dx = grad_input(grad_out, weight, index, ctx.block, ctx.conv1d)
     if ctx.needs_input_grad[1]:
-        dw = torch.ops.mst_hf.block_sparse_linear_grad_weight(grad_out, x, weight, index, ctx.block, ctx.conv1d, 0)
+        dw = grad_weight(grad_out, x, weight, index, ctx.block, ctx.conv1d, 0)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype)
     return dx, dw, db, None, None, None
 
 
+def _backward(ctx, grad_out):
+    ops = torch.ops.mst_hf
+    return _grads(ctx, grad_out, ops.block_sparse_linear_grad_input, ops.block_sparse_linear_grad_weight)
+
+
 torch.library.register_autograd(f"{_NS}::block_sparse_linear", _backward, setup_context=_setup_context)
+
+# Eager calls skip the dispatcher: the same launches and formulas in a plain autograd.Function (less host time per
+# layer; the custom ops are what torch.compile traces). "op" routes eager calls through the custom ops too.
+EAGER_PATH = "function"
+
+
+class _EagerBlockSparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias, index, block, conv1d):
+        return launch.forward(x, weight, bias, index, block, conv1d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _grads(ctx, grad_out, launch.grad_input, launch.grad_weight)
 
 
 def _check(x: Tensor, weight: Tensor, bias, layout: BlockLayout, conv1d: bool) -> tuple[int, int]:
@@ -98,5 +121,9 @@ def block_sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layout: 
     x2 = x.reshape(-1, n_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.ops.mst_hf.block_sparse_linear(x2, weight, bias, layout.index(x.device), layout.block_size, conv1d)
+    args = (x2, weight, bias, layout.index(x.device), layout.block_size, conv1d)
+    if EAGER_PATH == "function" and not torch.compiler.is_compiling():
+        y = _EagerBlockSparseLinear.apply(*args)
+    else:
+        y = torch.ops.mst_hf.block_sparse_linear(*args)
     return y.reshape(*lead, n_out)

@@ -80,6 +80,21 @@ def test_matches_reference(conv1d, dtype):
     check(x, w, b, mask, 32, conv1d, dtype)
 
 
+def test_custom_op_path_matches_eager_function(monkeypatch):
+    """Eager calls use a plain autograd.Function; the custom ops (what torch.compile traces) give the same."""
+    from mst_hf.kernels import ops
+
+    x, w, b, mask = make_case(64, 96, 32, True, torch.float32, lead=(7,))
+    layout = BlockLayout(mask.t(), 32)
+    results = []
+    for path in ("function", "op"):
+        monkeypatch.setattr(ops, "EAGER_PATH", path)
+        y = block_sparse_linear(x, w, b, layout, conv1d=True)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, w, b))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("lead", [(5,), (1, 3, 7), ()], ids=["2d", "4d", "1d"])
 def test_leading_shapes_block16_no_bias(lead):
     x, w, b, mask = make_case(64, 48, 16, False, torch.float32, lead=lead, bias=False, seed=1)
