@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from . import schedule
+from . import recipe, schedule
 from .attention.patterns import HSASpec
 
 MST_CONFIG_NAME = "mst_config.json"
@@ -34,6 +34,37 @@ PRESETS: dict[str, dict[str, Any]] = {
         hsa_window=128,
         hsa_stride=128,
         hsa_phases=[schedule.ULTRA],
+    ),
+    # The paper's recipe with every field spelt out, so it stays the paper's whatever the defaults become: MG in
+    # the ultra phase (gradient growth in warm-up and restoration), the three phases 0.1/0.7/0.2 with cubic curves,
+    # local_strided attention (128/128) in the ultra phase only, ER allocation with the tied head sparsified, and
+    # none of the recipe options (the learning rate is left to TrainingArguments).
+    "mst-paper": dict(
+        initial_sparsity=0.0,
+        ultra_sparsity=0.9,
+        final_sparsity=0.0,
+        warmup_ratio=0.1,
+        restoration_ratio=0.2,
+        warmup_curve="cubic",
+        restoration_curve="cubic",
+        update_interval=100,
+        drop_fraction=0.3,
+        drop_fraction_schedule="cosine",
+        grow_method=dict(DEFAULT_GROW_METHOD),
+        mixed_gradient_fraction=0.75,
+        sparsity_distribution="erdos_renyi",
+        sparsify_lm_head=True,
+        hsa_pattern="local_strided",
+        hsa_window=128,
+        hsa_stride=128,
+        hsa_phases=[schedule.ULTRA],
+        hsa_layers="all",
+        hsa_head_split=False,
+        lr_schedule=None,
+        regrow_optimizer_state="zero",
+        regrow_init="zero",
+        lm_head_max_sparsity=None,
+        stop_updates_ratio=0.0,
     ),
     # Constant-sparsity RigL (gradient growth, no sparsity variation, dense attention), for comparison.
     "rigl-0.9": dict(
@@ -84,6 +115,13 @@ class MSTConfig(PretrainedConfig):
         hsa_phases: phases in which the sparse pattern is on (dense causal elsewhere).
         hsa_layers: ``"all"``, ``"alternate"`` (even layers 0, 2, ... sparse, odd layers dense) or a list of indices.
         hsa_head_split: half the heads local, half strided (only for ``local_strided``).
+        lr_schedule / lr_floor / lr_decay_start: ``None`` (the Trainer's scheduler), ``"cosine_floor"`` or ``"wsd"``
+            (decay from ``lr_decay_start``, default the restoration start), ending at ``lr_floor`` x the peak.
+        regrow_optimizer_state: ``"zero"`` or ``"warm"`` (Adam moments of regrown weights from the dense gradient).
+        regrow_init / regrow_init_scale: ``"zero"`` or ``"gradient"`` (regrown weights start a small step against
+            the dense gradient, RMS ``regrow_init_scale`` x the layer's mean ``|w|``).
+        lm_head_max_sparsity: cap on the LM head's sparsity (``None``: no cap); the other targets absorb the rest.
+        stop_updates_ratio: last fraction of the run without topology updates; the restoration ends before it.
     """
 
     model_type = "mst"
@@ -145,6 +183,29 @@ class MSTConfig(PretrainedConfig):
     )
     hsa_head_split: bool = field(
         default=False, metadata={"help": "Half the heads local, half strided (local_strided only)."}
+    )
+    # recipe options (validated in mst_hf.recipe; every default keeps the behaviour from before they existed)
+    lr_schedule: str | None = field(
+        default=None, metadata={"help": "LR schedule aligned with the phases: cosine_floor or wsd (None: Trainer's)."}
+    )
+    lr_floor: float = field(default=0.1, metadata={"help": "Final LR of lr_schedule, as a fraction of the peak."})
+    lr_decay_start: float | None = field(
+        default=None, metadata={"help": "wsd: fraction of the run where the LR decay starts (None: restoration)."}
+    )
+    regrow_optimizer_state: str = field(
+        default="zero", metadata={"help": "Adam moments of regrown weights: zero, or warm (from the dense gradient)."}
+    )
+    regrow_init: str = field(
+        default="zero", metadata={"help": "Value of regrown weights: zero, or gradient (a small step against it)."}
+    )
+    regrow_init_scale: float = field(
+        default=0.1, metadata={"help": "regrow_init=gradient: RMS of new weights over the layer's mean |w|."}
+    )
+    lm_head_max_sparsity: float | None = field(
+        default=None, metadata={"help": "Cap on the LM head's sparsity; the other targets take the rest (None: off)."}
+    )
+    stop_updates_ratio: float = field(
+        default=0.0, metadata={"help": "Last fraction of the run without topology updates (restoration ends before)."}
     )
 
     def __post_init__(self, **kwargs):
@@ -226,6 +287,7 @@ class MSTConfig(PretrainedConfig):
         if not _is_int(self.seed):
             raise TypeError(f"`seed` must be an int, got {self.seed!r}.")
         self._validate_hsa()
+        recipe.validate_recipe(self)
 
     def _validate_grow_method(self) -> None:
         method = self.grow_method

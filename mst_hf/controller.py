@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from . import schedule, topology
+from . import recipe, schedule, topology
 from .flops import FlopMeter, model_flop_shapes
 from .masks import MaskState
 from .targets import TargetWeight, require_targets, unwrap_model
@@ -50,6 +50,9 @@ class MSTController:
         self.config = mst_config
         self.targets: dict[str, TargetWeight] = require_targets(model, mst_config)
         self.masks = MaskState({name: t.param for name, t in self.targets.items()})
+        if mst_config.lm_head_max_sparsity is not None:  # an infeasible cap fails now, not at mid-run
+            self.target_densities(max(mst_config.initial_sparsity, mst_config.ultra_sparsity,
+                                      mst_config.final_sparsity))
         self.history: list[dict] = []  # one record per topology update
         self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
@@ -68,7 +71,8 @@ class MSTController:
 
     def target_densities(self, sparsity: float) -> dict[str, float]:
         """Per-layer densities for a global ``sparsity`` under the configured allocation."""
-        densities = topology.allocate(self.shapes(), sparsity, self.config.sparsity_distribution)
+        caps = recipe.lm_head_caps([t.is_lm_head for t in self.targets.values()], self.config)
+        densities = topology.allocate(self.shapes(), sparsity, self.config.sparsity_distribution, caps)
         return dict(zip(self.targets, densities))
 
     def _generator(self, step: int, layer_index: int, device: torch.device) -> torch.Generator:
@@ -205,7 +209,8 @@ class MSTController:
         new_masks = self._broadcast(new_masks)
         removed = added = 0
         for name, mask in new_masks.items():
-            r, a = self.masks.set_mask(name, mask, optimizer)
+            r, a = self.masks.set_mask(name, mask, optimizer, regrow_optimizer_state=cfg.regrow_optimizer_state,
+                                       regrow_init=cfg.regrow_init, regrow_init_scale=cfg.regrow_init_scale)
             removed += r
             added += a
         record = {

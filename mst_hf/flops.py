@@ -55,6 +55,7 @@ class Matmul:
     n_in: int
     n_out: int
     is_target: bool
+    is_lm_head: bool = False  # the model's output embedding (``lm_head_max_sparsity`` caps it)
 
     @property
     def numel(self) -> int:
@@ -151,13 +152,14 @@ def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
     for n, p in model.named_parameters():
         first_names.setdefault(id(p), n)
     matmuls = []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, (nn.Linear, Conv1D)) or weight is None or weight.ndim != 2:
             continue
         name = first_names.get(id(weight), module_name + ".weight")
         n_in, n_out = weight.shape if isinstance(module, Conv1D) else weight.shape[::-1]  # Conv1D stores (in, out)
-        matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names))
+        matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names, module is head))
 
     config = getattr(model, "config", None)
     n_layers, attn_dim = _attention_size(config)

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import schedule
+from . import conventions, recipe, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
 from .topology import active_count, allocate
 
@@ -136,8 +136,11 @@ class Plan:
 
 
 def fast_update_steps(total_steps: int, config) -> list[int]:
-    """``schedule.update_steps`` without a Python test per step: multiples of the interval and phase starts."""
-    return sorted(set(range(0, total_steps, config.update_interval)) | set(schedule.phase_starts(total_steps, config)))
+    """``schedule.update_steps`` without a Python test per step: multiples of the interval and phase starts, before
+    the frozen tail (``stop_updates_ratio``)."""
+    end = schedule.update_end(total_steps, config)
+    steps = set(range(0, end, config.update_interval)) | set(schedule.phase_starts(total_steps, config))
+    return sorted(t for t in steps if t < end)
 
 
 def _curve(name: str, p: np.ndarray, mirrored: bool) -> np.ndarray:
@@ -223,12 +226,13 @@ def plan_run(model_or_config, mst_config, total_steps: int, tokens_per_step: int
     names = list(dict.fromkeys(m.name for m in fm.targets))  # find_targets' order, a tied matrix once
     numels = {m.name: m.numel for m in fm.targets}
     shapes = [(m.n_in, m.n_out) for m in {m.name: m for m in fm.targets}.values()]
+    caps = recipe.lm_head_caps([m.is_lm_head for m in {m.name: m for m in fm.targets}.values()], cfg)
     n_target = sum(numels.values())
 
     @cache
     def masks_at(sparsity: float) -> tuple[dict, float]:
         """Per-layer densities the controller sets at global ``sparsity``, and the sparsity of their active counts."""
-        densities = dict(zip(names, allocate(shapes, sparsity, cfg.sparsity_distribution)))
+        densities = dict(zip(names, allocate(shapes, sparsity, cfg.sparsity_distribution, caps)))
         active = sum(active_count(numels[n], d) for n, d in densities.items())
         return densities, (1.0 - active / n_target if n_target else 0.0)
 
@@ -325,6 +329,9 @@ def main(argv=None) -> int:
     plan = plan_run(args.model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
     label = args.config or f"preset {args.preset or 'gpt2-4x'}"
     summary = {"model": args.model, "mst_config": label, **plan.summary()}
+    summary["conventions"] = conventions.convention_reductions(plan.flop_model, mst_config, args.steps,
+                                                               args.tokens_per_step, plan.seq_len, plan.flop_reduction)
+    summary["lm_head_at_ultra"] = conventions.lm_head_sparsity(plan.flop_model, mst_config, mst_config.ultra_sparsity)
     if not args.json:
         fm = plan.flop_model
         print(f"# MST plan: {label}, model {args.model} ({fm.n_params:,} matmul weights, {fm.n_layers} layers, "
@@ -335,6 +342,13 @@ def main(argv=None) -> int:
               f"6N + 12LdT: {summary['dense_token_flops_noncausal']:,}.")
         print(f"Counted FLOP reduction: {plan.flop_reduction:.3f}x "
               f"({plan.mst_total_flops:.4e} MST vs {plan.dense_total_flops:.4e} dense FLOPs).")
+        print("Counted reduction under each convention (same dense causal baseline; docs/concepts.md):")
+        for key, value in summary["conventions"].items():
+            print(f"  {conventions.DESCRIPTIONS[key]}: {'n/a' if value is None else f'{value:.3f}x'}")
+        head = summary["lm_head_at_ultra"]
+        if head is not None:
+            print(f"LM head at ultra sparsity {mst_config.ultra_sparsity}: sparsity {head['lm_head']:.4f} "
+                  f"({head['lm_head_share']:.1%} of the targeted weights), other targets {head['other_targets']:.4f}.")
     if args.plot:
         from .plotting import plot_schedule
 

@@ -14,6 +14,12 @@ Phases, by ratio of ``T`` (``Tw = round(warmup_ratio * T)``, ``Tr = round(restor
 ``tau`` runs over the restoration's *topology-update steps*: it is 0 at the phase start and 1 at the last update step
 of the run, so the last update really reaches ``final_sparsity`` (with ``tau`` measured against the phase length the
 last update would stop short of it and a run meant to end dense would end sparse).
+
+With ``stop_updates_ratio`` the last ``Ts = round(stop_updates_ratio * T)`` steps have no topology update (as in
+RigL) and the restoration ends where they start: it is ``[T - Ts - Tr, T - Ts)``, then the masks stay frozen.
+
+:func:`lr_multiplier` is the learning-rate schedule aligned with these phases (``lr_schedule``), a factor of the
+peak learning rate for ``torch.optim.lr_scheduler.LambdaLR``.
 """
 
 import math
@@ -24,23 +30,38 @@ RESTORATION = "restoration"
 PHASES = (WARMUP, ULTRA, RESTORATION)
 CURVES = ("cubic", "linear", "cosine")
 DROP_FRACTION_SCHEDULES = ("cosine", "cosine_per_phase", "constant")
+LR_SCHEDULES = ("cosine_floor", "wsd")
 
 
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def frozen_steps(total_steps: int, config) -> int:
+    """``Ts = round(stop_updates_ratio * T)``: the last steps of the run, in which no topology update happens."""
+    return _round_half_up(getattr(config, "stop_updates_ratio", 0.0) * total_steps)
+
+
+def update_end(total_steps: int, config) -> int:
+    """``T - Ts``: topology updates happen only at steps before it; the masks are frozen from it on."""
+    warmup = _round_half_up(config.warmup_ratio * total_steps)
+    return total_steps - min(frozen_steps(total_steps, config), total_steps - warmup)
+
+
 def phase_bounds(total_steps: int, config) -> tuple[int, int]:
     """Return ``(ultra_start, restoration_start)``.
 
     Warm-up is ``[0, ultra_start)``, ultra-sparsification ``[ultra_start, restoration_start)``, restoration
-    ``[restoration_start, T)``."""
+    ``[restoration_start, T)``. With ``stop_updates_ratio`` the restoration moves earlier so that it ends where the
+    updates stop: ``restoration_start = T - Ts - Tr``, and the frozen tail ``[T - Ts, T)`` counts as restoration
+    (as the ultra phase when there is no restoration)."""
     if total_steps < 1:
         raise ValueError(f"`total_steps` must be a positive number of optimizer steps, got {total_steps!r}.")
     warmup = _round_half_up(config.warmup_ratio * total_steps)
+    end = update_end(total_steps, config)
     restoration = _round_half_up(config.restoration_ratio * total_steps)
-    restoration = min(restoration, total_steps - warmup)
-    return warmup, total_steps - restoration
+    restoration = min(restoration, end - warmup)
+    return warmup, (end - restoration if restoration > 0 else total_steps)
 
 
 def phase(step: int, total_steps: int, config) -> str:
@@ -82,7 +103,9 @@ def curve_fraction(name: str, progress: float, mirrored: bool = False) -> float:
 
 def is_update_step(step: int, total_steps: int, config) -> bool:
     """True when the topology is updated after the backward of ``step``: every ``update_interval`` steps and at
-    the first step of each phase."""
+    the first step of each phase, except in the frozen tail ``[T - Ts, T)`` (``stop_updates_ratio``)."""
+    if step >= update_end(total_steps, config):
+        return False
     return step % config.update_interval == 0 or step in phase_starts(total_steps, config)
 
 
@@ -92,7 +115,7 @@ def update_steps(total_steps: int, config) -> list[int]:
 
 
 def _last_update_step(total_steps: int, config) -> int:
-    last = (total_steps - 1) // config.update_interval * config.update_interval
+    last = (update_end(total_steps, config) - 1) // config.update_interval * config.update_interval
     return max(last, phase_bounds(total_steps, config)[1])
 
 
@@ -157,3 +180,43 @@ def describe(step: int, total_steps: int, config) -> dict:
         "grow_method": grow_method(step, total_steps, config),
         "hsa_active": hsa_active(step, total_steps, config),
     }
+
+
+def lr_decay_start(total_steps: int, config, warmup_steps: int = 0) -> int:
+    """First step of the learning-rate decay: for ``"wsd"`` ``round(lr_decay_start * T)``, or the start of the
+    restoration when ``lr_decay_start`` is ``None``; for ``"cosine_floor"`` the end of the warm-up. Never before
+    ``warmup_steps``."""
+    start = warmup_steps
+    if config.lr_schedule == "wsd":
+        fraction = getattr(config, "lr_decay_start", None)
+        start = phase_bounds(total_steps, config)[1] if fraction is None else _round_half_up(fraction * total_steps)
+    return max(start, warmup_steps)
+
+
+def lr_multiplier(step: int, total_steps: int, config, warmup_steps: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` as a fraction of the peak, for ``config.lr_schedule``.
+
+    * warm-up ``[0, W)`` (``W = warmup_steps``, from ``TrainingArguments``): ``t / W``, as transformers' own
+      schedulers;
+    * ``"cosine_floor"``: ``f + (1 - f) (1 + cos(pi p)) / 2`` with ``p = (t - W) / (T - 1 - W)``, so the last step
+      runs at the floor ``f = lr_floor``;
+    * ``"wsd"`` (warmup-stable-decay): 1 until the decay start ``D`` (:func:`lr_decay_start`: by default where the
+      restoration starts, so the decay follows the restoration of the weights), then linear to ``f`` at the last
+      step: ``1 - (1 - f) (t - D) / (T - 1 - D)``.
+
+    A custom loop gets the same schedule with
+    ``LambdaLR(optimizer, lambda t: lr_multiplier(t, total_steps, mst_config, warmup_steps))``."""
+    kind = getattr(config, "lr_schedule", None)
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULES} to compute a learning-rate multiplier, got "
+                         f"{kind!r} (None leaves the learning rate to the Trainer's own scheduler).")
+    if step < warmup_steps:
+        return step / warmup_steps
+    floor = config.lr_floor
+    start = lr_decay_start(total_steps, config, warmup_steps)
+    if step < start:
+        return 1.0
+    progress = min((step - start) / max(total_steps - 1 - start, 1), 1.0)
+    if kind == "cosine_floor":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - floor) * progress

@@ -40,13 +40,57 @@ def uniform_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[fl
 ALLOCATIONS = {"erdos_renyi": erdos_renyi_densities, "uniform": uniform_densities}
 
 
-def allocate(shapes: list[tuple[int, int]], sparsity: float, distribution: str) -> list[float]:
-    """Per-layer densities for a global ``sparsity`` under the named distribution."""
+def allocate(shapes: list[tuple[int, int]], sparsity: float, distribution: str,
+             max_sparsity: list[float | None] | None = None) -> list[float]:
+    """Per-layer densities for a global ``sparsity`` under the named distribution.
+
+    ``max_sparsity`` (optional, one entry per layer, ``None`` = no cap) caps layer sparsities, e.g. the LM head's
+    (``lm_head_max_sparsity``). With caps, layer ``i`` of ``N_i`` weights gets density
+    ``d_i = clip(c * r_i, 1 - m_i, 1)``, where ``r_i`` is the distribution's raw density (Erdős–Rényi:
+    ``(n_in + n_out) / (n_in n_out)``; uniform: 1), ``m_i`` the cap, and the one scale ``c`` is chosen so that
+    ``sum_i d_i N_i = (1 - sparsity) sum_i N_i``: the weights a capped layer keeps above its share come out of the
+    other layers, in proportion to their raw densities, and the global sparsity is unchanged. A cap no layer
+    reaches changes nothing. Raises ``ValueError`` when the caps alone need more active weights than the budget.
+    """
     if distribution not in ALLOCATIONS:
         raise ValueError(f"Unknown sparsity distribution {distribution!r}; choose one of {sorted(ALLOCATIONS)}.")
     if sparsity <= 0.0:
         return [1.0 for _ in shapes]
-    return ALLOCATIONS[distribution](shapes, sparsity)
+    if max_sparsity is None or all(m is None for m in max_sparsity):
+        return ALLOCATIONS[distribution](shapes, sparsity)
+    if len(max_sparsity) != len(shapes):
+        raise ValueError(f"`max_sparsity` has {len(max_sparsity)} entries for {len(shapes)} layers; give one per "
+                         "layer (None for no cap).")
+    floors = [0.0 if m is None else 1.0 - m for m in max_sparsity]
+    raw = [(n_in + n_out) / (n_in * n_out) if distribution == "erdos_renyi" else 1.0 for n_in, n_out in shapes]
+    return _capped_densities([n_in * n_out for n_in, n_out in shapes], raw, floors, sparsity)
+
+
+def _capped_densities(numels: list[int], raw: list[float], floors: list[float], sparsity: float) -> list[float]:
+    """``d_i = clip(c * raw_i, floors_i, 1)`` with the scale ``c`` that meets the budget (see :func:`allocate`).
+
+    Layers are fixed at 1 or at their floor as the scale falls (fixing either only lowers the scale left for the
+    others), so the loop ends after at most one pass per layer."""
+    budget = (1.0 - sparsity) * sum(numels)
+    need = sum(f * n for f, n in zip(floors, numels))
+    if need > budget * (1 + 1e-12):
+        raise ValueError(
+            f"The sparsity caps need {need / sum(numels):.4f} of the targeted weights active, more than the "
+            f"{1.0 - sparsity:.4f} a global sparsity of {sparsity} leaves: raise the cap (`lm_head_max_sparsity`) or "
+            "lower the sparsity."
+        )
+    fixed: dict[int, float] = {}
+    while True:
+        free = [i for i in range(len(numels)) if i not in fixed]
+        remaining = budget - sum(fixed[i] * numels[i] for i in fixed)
+        denominator = sum(raw[i] * numels[i] for i in free)
+        scale = remaining / denominator if denominator > 0 else 0.0
+        over = {i: 1.0 for i in free if scale * raw[i] > 1.0}
+        under = {i: floors[i] for i in free if scale * raw[i] < floors[i]}
+        if not over and not under:
+            break
+        fixed.update(over if over else under)
+    return [fixed[i] if i in fixed else scale * raw[i] for i in range(len(numels))]
 
 
 def active_count(numel: int, density: float) -> int:

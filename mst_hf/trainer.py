@@ -107,6 +107,26 @@ class MSTTrainer(Trainer):
         output.metrics.update(self.mst.flops.metrics())
         return output
 
+    # ------------------------------------------------------------------ learning rate
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler, unless ``mst_config.lr_schedule`` is set: then a ``LambdaLR`` of
+        :func:`mst_hf.schedule.lr_multiplier` over the run's optimizer steps, with the warm-up of
+        ``TrainingArguments.warmup_steps`` (a count, or a fraction of the run below 1)."""
+        if self.mst_config.lr_schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from torch.optim.lr_scheduler import LambdaLR
+
+        from .schedule import lr_multiplier
+
+        if self.args.lr_scheduler_type != "linear":
+            logger.warning("mst_config.lr_schedule=%r replaces lr_scheduler_type=%r; set lr_schedule=None to use the "
+                           "Trainer's scheduler.", self.mst_config.lr_schedule, str(self.args.lr_scheduler_type))
+        warmup, cfg = self.args.get_warmup_steps(num_training_steps), self.mst_config
+        self.lr_scheduler = LambdaLR(self.optimizer if optimizer is None else optimizer,
+                                     lambda step: lr_multiplier(step, num_training_steps, cfg, warmup))
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Trainer's files, then the MST files (masks, config, state) in the same folder: inside ``save_model``, so

@@ -1,0 +1,126 @@
+"""The counted FLOP reduction of a planned run under other honest conventions, next to the headline one.
+
+The headline count (:mod:`mst_hf.flops`) credits every weight the masks remove, the tied LM head included, and
+charges sparse attention at the exact (query, key) pairs its pattern attends. Each of these is a choice; the
+planner prints the reduction under the other reasonable choices so that no single one carries the claim:
+
+* ``headline``: as above;
+* ``attention_tiles``: sparse attention charged at the ``64 x 64`` tiles the Triton kernel computes (a visited
+  tile costs all its pairs, masked or not), see :func:`triton_tile_pairs`; dense causal attention stays exact in
+  both the run and the baseline;
+* ``no_attention_credit``: attention always charged as dense causal (the weights alone earn the reduction);
+* ``dense_lm_head``: the LM head (the tied embedding) not sparsified: charged dense at every step, the global
+  sparsity spread over the other targets only (what ``sparsify_lm_head=False`` trains);
+* ``strictest``: no attention credit and a dense LM head together.
+
+All are counted (matmul FLOPs), not timed. Every convention changes the MST run's count only: the dense causal
+baseline is the same for all, so the reductions are comparable.
+"""
+
+import dataclasses
+import functools
+
+from .flops import FlopModel
+
+CONVENTIONS = ("headline", "attention_tiles", "no_attention_credit", "dense_lm_head", "strictest")
+DESCRIPTIONS = {
+    "headline": "headline (exact attended pairs, head sparsified)",
+    "attention_tiles": "sparse attention at the Triton kernel's 64x64 tiles",
+    "no_attention_credit": "no attention credit (dense causal attention)",
+    "dense_lm_head": "dense LM head (not sparsified)",
+    "strictest": "no attention credit and dense LM head",
+}
+
+
+def _part_tiles(part) -> int:
+    """(query, key) entries of the tiles one part of the Triton kernel visits in its forward (the key ranges of
+    its ``_key_range``, plus the summary-key loop of ``fixed``); each tile counts ``BM x BN`` entries."""
+    from .attention.impl.triton.launch import LOCAL
+
+    total = 0
+    for m0 in range(0, part.n, part.bm):
+        lo = max(m0 - part.w + 1, 0) if part.mask == LOCAL else (m0 // part.group) * part.group
+        lo = (lo // part.bn) * part.bn
+        hi = min(m0 + part.bm, part.n)
+        total += len(range(lo, hi, part.bn)) * part.bm * part.bn
+        if part.n_sum:
+            summaries = min((m0 + part.bm - 1) // part.c, part.n_sum)
+            total += len(range(0, summaries, part.bs)) * part.bm * part.bs
+    return total
+
+
+@functools.cache
+def triton_tile_pairs(spec, seq_len: int) -> int | None:
+    """(query, key) entries the Triton kernel computes for one sequence and head under ``spec`` (an ``HSASpec``),
+    or ``None`` when it does not compute that pattern (``dense``, or a head split)."""
+    from .attention.impl.triton.launch import TRITON_PATTERNS, plan_parts
+
+    if spec.pattern not in TRITON_PATTERNS or spec.head_split:
+        return None
+    return sum(_part_tiles(part) for part in plan_parts(spec, seq_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledFlopModel(FlopModel):
+    """A :class:`FlopModel` whose sparse-attention layers are charged at the Triton kernel's tiles."""
+
+    def attended_pairs_x2(self, seq_len: int, hsa_on: bool) -> int:
+        n_sparse = len(self.hsa_layers) if hsa_on and self.hsa.pattern != "dense" else 0
+        tiles = triton_tile_pairs(self.hsa, seq_len) if n_sparse else None
+        if tiles is None:
+            return super().attended_pairs_x2(seq_len, hsa_on)
+        return (self.n_layers - n_sparse) * seq_len * (seq_len + 1) + n_sparse * 2 * tiles
+
+
+def convention_flop_models(flop_model: FlopModel) -> dict[str, FlopModel | None]:
+    """The :class:`FlopModel` that counts the run under each convention (``None`` where a convention does not
+    apply: tiles for a pattern the Triton kernel does not compute)."""
+    fields = {f.name: getattr(flop_model, f.name) for f in dataclasses.fields(flop_model) if f.init}
+    computable = triton_tile_pairs(flop_model.hsa, 256) is not None or flop_model.hsa.pattern == "dense"
+    dense_head = tuple(dataclasses.replace(m, is_target=False) if m.is_lm_head else m for m in flop_model.matmuls)
+    return {
+        "headline": flop_model,
+        "attention_tiles": TiledFlopModel(**fields) if computable else None,
+        "no_attention_credit": FlopModel(**{**fields, "hsa_layers": ()}),
+        "dense_lm_head": FlopModel(**{**fields, "matmuls": dense_head}),
+        "strictest": FlopModel(**{**fields, "hsa_layers": (), "matmuls": dense_head}),
+    }
+
+
+def convention_reductions(flop_model: FlopModel, mst_config, total_steps: int, tokens_per_step: int,
+                          seq_len: int | None = None, headline: float | None = None) -> dict[str, float | None]:
+    """Counted FLOP reduction (dense causal baseline over the run's count) under each of :data:`CONVENTIONS`
+    (``headline``: the headline reduction when already planned, to skip planning it again)."""
+    from .plan import plan_run
+
+    out = {}
+    for name, fm in convention_flop_models(flop_model).items():
+        if name == "headline" and headline is not None:
+            out[name] = headline
+        elif fm is None:
+            out[name] = None
+        else:
+            out[name] = plan_run(fm, mst_config, total_steps, tokens_per_step, seq_len).flop_reduction
+    return out
+
+
+def lm_head_sparsity(flop_model: FlopModel, mst_config, sparsity: float) -> dict[str, float] | None:
+    """At global ``sparsity``: the LM head's sparsity and the sparsity of the other targets together, as the
+    controller allocates them (``lm_head_max_sparsity`` included); ``None`` when the head is not a target."""
+    from . import recipe
+    from .topology import active_count, allocate
+
+    targets = list({m.name: m for m in flop_model.targets}.values())
+    if not any(m.is_lm_head for m in targets):
+        return None
+    caps = recipe.lm_head_caps([m.is_lm_head for m in targets], mst_config)
+    densities = allocate([(m.n_in, m.n_out) for m in targets], sparsity, mst_config.sparsity_distribution, caps)
+    head = [(m, d) for m, d in zip(targets, densities) if m.is_lm_head]
+    rest = [(m, d) for m, d in zip(targets, densities) if not m.is_lm_head]
+
+    def sparsity_of(pairs):
+        total = sum(m.numel for m, _ in pairs)
+        return 1.0 - sum(active_count(m.numel, d) for m, d in pairs) / total if total else 0.0
+
+    return {"lm_head": sparsity_of(head), "other_targets": sparsity_of(rest),
+            "lm_head_share": sum(m.numel for m, _ in head) / sum(m.numel for m in targets)}
