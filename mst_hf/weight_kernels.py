@@ -49,14 +49,18 @@ class WeightKernels:
         if not self._dirty and all(self.masks.masks[n] is m for n, m in self._installed.items()):
             return  # the masks installed are still the masks in force (set_mask and loading replace the tensors)
         self._dense_step = False
-        for name, t in self.targets.items():
-            module = self._module(t)
-            choice = self._decide(name, t, tokens)
-            if choice == "block":
-                kernels.enable_block_sparse(module, tile_mask(self.masks.masks[name], self.block), self.block)
-            else:
-                kernels.disable_block_sparse(module)
-            self.choice[name] = choice
+        modules = {name: self._module(t) for name, t in self.targets.items()}
+        if self.mode == "auto":  # the measured break-even table decides, layer by layer
+            self.choice = kernels.set_kernels(modules, self.masks.masks, self.block, tokens)
+        else:  # "block": wherever the tile side divides the shape
+            for name, t in self.targets.items():
+                if t.n_in % self.block or t.n_out % self.block:
+                    kernels.disable_block_sparse(modules[name])
+                    self.choice[name] = "dense"
+                else:
+                    kernels.enable_block_sparse(modules[name], tile_mask(self.masks.masks[name], self.block),
+                                                self.block)
+                    self.choice[name] = "block"
         self._installed = {n: self.masks.masks[n] for n in self.targets}
         self._dirty = False
         n_block = sum(c == "block" for c in self.choice.values())
@@ -69,18 +73,3 @@ class WeightKernels:
 
     def _module(self, target):
         return self.model.get_submodule(target.module_name)
-
-    def _decide(self, name: str, target, tokens: int) -> str:
-        from . import kernels
-
-        if target.n_in % self.block or target.n_out % self.block:
-            return "dense"
-        if self.mode == "block":
-            return "block"
-        device = target.param.device
-        if device.type != "cuda":
-            return "dense"
-        import torch
-
-        return kernels.choose_kernel(target.n_in, target.n_out, tokens, self.masks.density(name), self.block,
-                                     torch.cuda.get_device_name(device))
