@@ -69,16 +69,15 @@ EAGER_PATH = "function"
 
 class _EagerBlockSparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, index, block, conv1d):
-        return launch.forward(x, weight, bias, index, block, conv1d)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, x, weight, bias, index, block, conv1d):  # classic form: apply() skips signature binding
+        _setup_context(ctx, (x, weight, bias, index, block, conv1d), None)
+        with launch.direct_launches():
+            return launch.forward(x, weight, bias, index, block, conv1d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, launch.grad_input, launch.grad_weight)
+        with launch.direct_launches():
+            return _grads(ctx, grad_out, launch.grad_input, launch.grad_weight)
 
 
 def _check(x: Tensor, weight: Tensor, bias, layout: BlockLayout, conv1d: bool) -> tuple[int, int]:

@@ -7,6 +7,7 @@ Weights are addressed through ``W_eff``, the ``(out, in)`` view of either layout
 trace it simply launches. The device code is imported on first use (``triton`` is optional for the package).
 """
 
+import contextlib
 import functools
 
 import torch
@@ -33,6 +34,17 @@ def _device():
 
 def _wrap(kernel):
     return torch.library.wrap_triton(kernel)
+
+
+def direct_launches():
+    """A context in which the entry points launch directly instead of through wrap_triton's tracing path, which
+    costs about a millisecond of host time per launch in eager mode (``triton_op`` does the same for its eager
+    calls). Eager callers of ``forward``/``grad_input``/``grad_weight`` should use it."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - older torch: wrap_triton has no eager switch
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
 
 
 @functools.cache
