@@ -132,6 +132,11 @@ def bench_model(name, args, gen):
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     masks = make_masks(model, 1 - args.sparsity, gen)
+    if args.compile:  # regional compilation: each decoder layer (one graph per variant, shared by all layers)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+        for layer in layers:
+            layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=DEVICE == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     variants = ["dense", "masked"] + [f"block-{b}" for b in args.blocks]
@@ -154,7 +159,8 @@ def bench_model(name, args, gen):
     set_variant(masks, "dense")
     med = {v: statistics.median(t) for v, t in times.items()}
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
-    result = dict(model=name, params=n_params, layers=cfg.num_hidden_layers, tokens=batch * seq, batch=batch, seq=seq,
+    result = dict(model=name, compiled=args.compile, params=n_params,
+                  layers=cfg.num_hidden_layers, tokens=batch * seq, batch=batch, seq=seq,
                   sparsity=args.sparsity, targets=len(masks), step_ms=med, all_ms=times,
                   speedup_vs_dense={v: med["dense"] / med[v] for v in variants},
                   speedup_vs_masked={v: med["masked"] / med[v] for v in variants}, checks=checks, peak_gib=peak)
@@ -172,7 +178,8 @@ def markdown(results, args, hw, elapsed):
     lines = [
         f"# Whole training step, block-sparse vs dense, {now:%Y-%m-%d %H:%M} UTC",
         "",
-        f"Hardware: {hw}. bf16 autocast, fused AdamW, 16k tokens a step, every projection and the LM head at "
+        f"Hardware: {hw}. {'Decoder layers compiled (torch.compile per layer). ' if args.compile else ''}"
+        f"bf16 autocast, fused AdamW, 16k tokens a step, every projection and the LM head at "
         f"{args.sparsity:.0%} block sparsity (random masks, 10% of 128x128 blocks active). Median of {args.rounds} "
         f"rounds of {args.steps} steps, variants interleaved. `masked` = dense kernels with the masks applied to "
         f"gradients and weights (MST today); `block-b` = the block kernel at block size b plus the same masking. "
@@ -206,6 +213,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--layers", nargs="*", default=[], metavar="MODEL=N", help="fewer layers, e.g. gpt2-d2048=12")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (all variants)")
     p.add_argument("--smoke", action="store_true", help="a tiny GPT-2 and Llama on the CPU in Triton's interpreter "
                    "(checks the script only; set TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
@@ -225,9 +233,10 @@ def main(argv=None):
     elapsed = time.time() - t0
     text = markdown(results, args, hw, elapsed)
     print(text)
-    with open(os.path.join(args.out, "blocksparse_step.md"), "w") as f:
+    stem = "blocksparse_step_compiled" if args.compile else "blocksparse_step"
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "blocksparse_step.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(dict(hardware=hw, command="PYTHONPATH=. python3 bench/blocksparse_step.py " + " ".join(sys.argv[1:]),
                        results=results), f, indent=1)
     print(f"wrote {args.out} in {elapsed:.0f} s")

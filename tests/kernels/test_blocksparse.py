@@ -332,3 +332,21 @@ def test_gpu_torch_compile_inductor(cls):
     assert rel_err(y, eager) < 1e-3
     for a, b in zip(gc, ge):
         assert rel_err(a, b) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_under_autocast():
+    """fp32 master weights, bf16 autocast, compiled with fullgraph: matches eager and gives fp32 weight grads."""
+    torch.manual_seed(0)
+    module = nn.Linear(1024, 1024).cuda()
+    blocks = random_block_mask(8, 8, 0.25)
+    with torch.no_grad():
+        module.weight.mul_(expand_block_mask(blocks, 128).cuda())
+    enable_block_sparse(module, blocks, 128)
+    x = torch.randn(4, 256, 1024, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = module(x)
+        y = torch.compile(module, fullgraph=True)(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, eager) < 1e-3
+    (gw,) = torch.autograd.grad(y.float().sum(), (module.weight,))
+    assert gw.dtype == torch.float32
