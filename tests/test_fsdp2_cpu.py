@@ -124,9 +124,16 @@ def reference_run(kind: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the workers
-def _fsdp_run(kind: str, rank: int) -> dict:
-    model = shard(build(kind))
-    ctl = MSTController(model, mst_config())
+def _fsdp_run(kind: str, rank: int, late: bool = False) -> dict:
+    """``late``: the controller is built on the plain model, which is sharded afterwards (what ``Trainer.train``
+    does after ``MSTTrainer.__init__``): the masks must follow the new ``DTensor`` parameters."""
+    if late:
+        model = build(kind)
+        ctl = MSTController(model, mst_config())
+        shard(model)
+    else:
+        model = shard(build(kind))
+        ctl = MSTController(model, mst_config())
     record: dict = {}
     train(model, ctl, optimizer_for(model), 0, STEPS, (rank,), record)
     return {"masks": record, "weights": full_weights(model), "zero": pruned_zero_on_shards(ctl),
@@ -200,6 +207,8 @@ def worker(rank: int, port: int, out: str) -> None:
         for kind in MODELS:
             results[kind, "fsdp"] = _fsdp_run(kind, rank)
             results[kind, "ddp"] = _ddp_run(kind, rank)
+            if kind == "llama":
+                results[kind, "late"] = _fsdp_run(kind, rank, late=True)
             for mode in ("sharded", "full") if kind == "llama" else ("sharded",):  # full state dicts: one model
                 directory = os.path.join(out, f"{kind}-{mode}")
                 os.makedirs(directory, exist_ok=True)
@@ -255,9 +264,18 @@ def test_fsdp2_masks_equal_unsharded_and_ddp_runs(runs, kind):
         assert _equal(rank_result[kind, "ddp"]["weights"], reference["weights"])
 
 
+def test_controller_built_before_sharding_follows_the_dtensor_parameters(runs):
+    reference = runs["reference"]["llama"]
+    for rank_result in runs["ranks"]:
+        late = rank_result["llama", "late"]
+        assert late["sharded"] and _masks_equal(late["masks"], reference["masks"])
+        assert _equal(late["weights"], reference["weights"])
+        assert late["local_sizes"] == rank_result["llama", "fsdp"]["local_sizes"]
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_pruned_weights_exactly_zero_on_every_shard(runs, kind):
-    modes = [m for m in ("fsdp", "sharded", "full") if (kind, m) in runs["ranks"][0]]
+    modes = [m for m in ("fsdp", "late", "sharded", "full") if (kind, m) in runs["ranks"][0]]
     assert [r[kind, m]["zero"] for r in runs["ranks"] for m in modes] == [True] * (WORLD * len(modes))
 
 
