@@ -1,6 +1,7 @@
-"""Shared pieces of the GPU benchmarks: pre-tokenised blocks, GPT-2 models from config, timing callbacks."""
+"""Shared pieces of the GPU benchmarks: pre-tokenised data, GPT-2 models from config, timing, FLOP shares, curves."""
 
 import json
+import lzma
 import os
 import platform
 import subprocess
@@ -15,6 +16,16 @@ GPT2_SIZES = {
     "gpt2-mini": dict(n_layer=6, n_embd=512, n_head=8),
     "gpt2-tiny": dict(n_layer=4, n_embd=256, n_head=4),
 }
+
+
+def load_tokens(path: str) -> np.ndarray:
+    """A uint16 token file (``.bin``, or ``.bin.xz`` decompressed in memory) as a numpy array."""
+    if path.endswith(".xz"):
+        with lzma.open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint16)
+    if not os.path.isfile(path) and os.path.isfile(path + ".xz"):
+        return load_tokens(path + ".xz")
+    return np.fromfile(path, dtype=np.uint16)
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -87,3 +98,153 @@ def write_json(path: str, data) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+def flop_shares(flop_model, seq_len: int) -> dict[str, float]:
+    """Shares of the dense causal training FLOPs per token (``mst_hf.flops``): the LM head, the other matmuls
+    (transformer blocks), and attention (``Q K^T`` and ``A V``)."""
+    from mst_hf.flops import attention_token_flops, dense_token_flops
+
+    total = dense_token_flops(flop_model, seq_len)
+    head = sum(6 * m.numel for m in flop_model.matmuls if m.module_name.endswith("lm_head"))
+    attention = attention_token_flops(flop_model, (seq_len + 1) / 2)
+    return {"head": head / total, "blocks": (total - head - attention) / total, "attention": attention / total,
+            "dense_token_flops": total}
+
+
+def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First FLOP count at which a ``(flops, loss)`` curve reaches ``target`` (linear interpolation between the
+    two evaluations around the crossing), or ``None`` when it never does."""
+    prev = None
+    for flops, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(flops)
+            f0, l0 = prev
+            return float(f0 + (flops - f0) * (l0 - target) / (l0 - loss))
+        prev = (flops, loss)
+    return None
+
+
+# --------------------------------------------------------------------------- the study's report (bench/study.py)
+
+CONVENTIONS = ("headline", "tiles", "no_attention_credit", "dense_head", "strictest")
+
+
+def _load_rows(folder: str) -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json") and "-s" in name and name not in ("args.json", "study_plan.json"):
+            with open(os.path.join(folder, name)) as f:
+                row = json.load(f)
+            if not row.get("complete", True):  # stopped early: its last curve point stands in for the final loss
+                row["label"] += f" (stopped at step {row['steps']}/{row['planned_steps']})"
+                row["final"] = {"val": row["curve"][-1]["val"], "heldout": row["curve"][-1]["heldout"]}
+            rows.append(row)
+    return rows
+
+
+def _fmt(x, spec=".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def study_report(folder: str) -> str:
+    """``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs) from the per-run JSONs."""
+    rows = _load_rows(folder)
+    if not rows:
+        raise ValueError(f"No study results (LABEL-sSEED.json) in {folder!r}.")
+    args = {}
+    if os.path.isfile(os.path.join(folder, "args.json")):
+        with open(os.path.join(folder, "args.json")) as f:
+            args = json.load(f)
+    dense = [r for r in rows if r["label"] == "dense"]
+    dense_final = {r["seed"]: r["final"]["val"] for r in dense}
+    dense_curve_final = float(np.mean([r["curve"][-1]["val"] for r in dense])) if dense else None
+    dense_flops = float(np.mean([r["counted_flops"] for r in dense])) if dense else None
+    extra = sorted({k for r in rows for k in r["final"] if k not in ("val", "heldout")})
+    r0 = rows[0]
+    lines = [
+        f"Command: `{args.get('command', 'python bench/study.py ...')}`",
+        f"Date: {max(r['date'] for r in rows)}; hardware: {r0['hardware']}; {r0['versions']}",
+        f"Rung {r0['rung']}: {r0['steps']} steps x {r0['tokens'] // r0['steps']:,} tokens = {r0['tokens']:,} "
+        "training tokens per run (every arm, single pass over the blocks it sees).",
+        "",
+        "| arm | seed | model (L x d) | non-emb. params | tokens / non-emb. param | val loss | held-out loss | "
+        + "".join(f"{e} | " for e in extra)
+        + "gap to dense (same seed) | counted FLOPs | reduction (headline) | tiles | no attn credit | dense head | "
+          "strictest | FLOPs to dense's final val loss (x dense) | mean active matmul params | final sparsity | "
+          "train wall (s) |",
+        "|" + "---|" * (19 + len(extra)),
+    ]
+    target_note = ""
+    for r in sorted(rows, key=lambda r: (r["label"] != "dense", r["label"], r["seed"])):
+        m, fin = r["model"], r["final"]
+        ref = dense_final.get(r["seed"])
+        gap = None if ref is None else (fin["val"] - ref) / ref * 100
+        curve = [(c["flops"], c["val"]) for c in r["curve"]]
+        reach = flops_to_reach(curve, dense_curve_final) if dense_curve_final is not None else None
+        reach_txt = "not reached" if reach is None else f"{reach:.3e} ({reach / dense_flops:.3f}x)"
+        red = r["reduction"]
+        lines.append(
+            f"| {r['label']} | {r['seed']} | {m['n_layer']} x {m['n_embd']} | {m['non_embedding_params']:,} | "
+            f"{r['tokens'] / m['non_embedding_params']:.1f} | {fin['val']:.4f} | {fin['heldout']:.4f} | "
+            + "".join(f"{_fmt(fin.get(e))} | " for e in extra)
+            + f"{'-' if gap is None else f'{gap:+.2f}%'} | {r['counted_flops']:.3e} | "
+            + " | ".join(f"{red[c]:.2f}x" for c in CONVENTIONS)
+            + f" | {reach_txt} | {m['mean_active_matmul_params']:,.0f} | {r['final_sparsity']:.3f} | "
+              f"{r['wall_train_s']:.0f} |"
+        )
+    if dense_curve_final is not None:
+        target_note = (f"Dense's final validation loss on the curve subset (mean of {len(dense)} seed(s)): "
+                       f"{dense_curve_final:.4f}; 'FLOPs to dense's final val loss' interpolates each run's "
+                       "evaluation curve (same subset) linearly between the two evaluations around the crossing.")
+    lines += ["", target_note, "", "Per arm, over seeds (spread = max - min):", "",
+              "| arm | seeds | val loss (each seed) | mean | spread | held-out loss (each seed) | mean | spread |",
+              "|---|---|---|---|---|---|---|---|"]
+    for label in sorted({r["label"] for r in rows}, key=lambda x: (x != "dense", x)):
+        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
+        v = [r["final"]["val"] for r in rs]
+        h = [r["final"]["heldout"] for r in rs]
+        lines.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {', '.join(f'{x:.4f}' for x in v)} | "
+                     f"{np.mean(v):.4f} | {max(v) - min(v):.4f} | {', '.join(f'{x:.4f}' for x in h)} | "
+                     f"{np.mean(h):.4f} | {max(h) - min(h):.4f} |")
+    shares = r0["model"]["flop_shares"]
+    lines += ["", f"Dense FLOP shares of the rung (per token, mst_hf.flops): LM head {shares['head']:.1%}, other "
+                  f"matmuls {shares['blocks']:.1%}, attention {shares['attention']:.1%}."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "study.md"), "w") as f:
+        f.write(text)
+    try:
+        _plot(rows, os.path.join(folder, "study.png"), dense_curve_final)
+    except ImportError:
+        print("matplotlib is not installed: no plot (run `python bench/study.py --report FOLDER` elsewhere).")
+    print(text)
+    return text
+
+
+def _plot(rows: list[dict], path: str, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    labels = sorted({r["label"] for r in rows}, key=lambda x: (x != "dense", x))
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    for ax, split in zip(axes, ("val", "heldout")):
+        for r in sorted(rows, key=lambda r: (r["label"], r["seed"])):
+            pts = [(c["flops"], c[split]) for c in r["curve"] if c["flops"] > 0]
+            ax.plot(*zip(*pts), color=colors[r["label"]], linestyle="-" if r["seed"] == rows[0]["seed"] else "--",
+                    marker=".", label=f"{r['label']} s{r['seed']}")
+        if target is not None and split == "val":
+            ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("counted training FLOPs (mst_hf.flops)")
+        ax.set_ylabel(f"{'validation' if split == 'val' else 'held-out domain'} loss (curve subset)")
+        lows = [c[split] for r in rows for c in r["curve"][len(r["curve"]) // 3:]]
+        ax.set_ylim(min(lows) - 0.05, max(lows) + 0.1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
