@@ -11,8 +11,9 @@ all-gather / reduce-scatter through NCCL), in bf16.
    mask state holds.
 3. ``resume``: ``MSTTrainer`` under FSDP2 saved with ``SHARDED_STATE_DICT`` (distributed checkpoint) and resumed
    in a new Trainer: the final masks must equal those of the uninterrupted run; the saved ``mst_masks.safetensors``
-   must be the file the unsharded masks give.
+   must hold the full masks the run had in memory at that step.
 
+Dense attention throughout (``hsa_pattern="dense"``): the checks are about the weight masks.
 Writes ``fsdp2_check.md`` (a table) and ``fsdp2_check.json`` under ``--out``. About one minute on an H200.
 ``--device cpu`` runs part 1 alone on CPU (gloo), as a smoke test of the script.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -81,7 +83,8 @@ def custom_loop(model, config: MSTConfig, steps: int, device, seq: int = 256, ba
 
 
 def check_masks(device, dtype) -> dict:
-    config = MSTConfig(update_interval=4, initial_sparsity=0.5, final_sparsity=0.8, grow_method="mixed", seed=1)
+    config = MSTConfig(update_interval=4, initial_sparsity=0.5, final_sparsity=0.8, grow_method="mixed", seed=1,
+                       hsa_pattern="dense")
     steps, size, seq = (40, (512, 4, 4096), 256) if device.type == "cuda" else (12, (64, 2, 256), 32)  # cpu: smoke
     plain = custom_loop(llama(*size).to(device, dtype), config, steps, device, seq)
     fsdp = custom_loop(shard(llama(*size).to(device, dtype)), config, steps, device, seq)
@@ -109,12 +112,13 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer_args(out: str, steps: int, state_dict_type: str = "FULL_STATE_DICT", **kw) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3, bf16=True,
-        report_to=[], logging_steps=10, save_strategy="no", seed=0, data_seed=0, dataloader_num_workers=0,
-        fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                "state_dict_type": state_dict_type, "reshard_after_forward": True}, **kw)
+def trainer_args(out: str, steps: int, state_dict_type: str = "SHARDED_STATE_DICT", **kw) -> TrainingArguments:
+    settings = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3, bf16=True,
+                    report_to=[], logging_steps=10, save_strategy="no", seed=0, data_seed=0, dataloader_num_workers=0,
+                    fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                            "state_dict_type": state_dict_type, "reshard_after_forward": True})
+    settings.update(kw)
+    return TrainingArguments(**settings)
 
 
 def peak_memory(mst: bool, out: str) -> dict:
@@ -124,7 +128,7 @@ def peak_memory(mst: bool, out: str) -> dict:
     args = trainer_args(out, steps=20)
     data = Tokens(256, 512, 32000)
     if mst:
-        config = MSTConfig(update_interval=5, initial_sparsity=0.5, final_sparsity=0.8, seed=0)
+        config = MSTConfig(update_interval=5, initial_sparsity=0.5, final_sparsity=0.8, seed=0, hsa_pattern="dense")
         trainer = MSTTrainer(model=model, args=args, train_dataset=data, mst_config=config)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=data)
@@ -147,7 +151,7 @@ def check_resume(out: str) -> dict:
 
     from mst_hf.io.formats import mask_tensors, read_mask_file
 
-    config = MSTConfig(update_interval=2, initial_sparsity=0.5, final_sparsity=0.8, seed=0)
+    config = MSTConfig(update_interval=2, initial_sparsity=0.5, final_sparsity=0.8, seed=0, hsa_pattern="dense")
     data = Tokens(128, 128, 2048)
     at_save = {}
 
@@ -192,25 +196,34 @@ def main():
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
-    report["masks"] = check_masks(device, torch.bfloat16)
-    if device.type == "cuda":
-        with tempfile.TemporaryDirectory() as tmp:
-            report["trainer"] = {"plain": peak_memory(False, tmp), "mst": peak_memory(True, tmp)}
-            report["resume"] = check_resume(tmp)
-    with open(os.path.join(args.out, "fsdp2_check.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = {"masks": lambda: check_masks(device, torch.bfloat16)}
+        if device.type == "cuda":
+            parts["trainer"] = lambda: {"plain": peak_memory(False, tmp), "mst": peak_memory(True, tmp)}
+            parts["resume"] = lambda: check_resume(tmp)
+        for name, part in parts.items():  # a failing part is reported, the others still run
+            try:
+                report[name] = part()
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                report[name] = {"error": f"{type(err).__name__}: {err}"}
+            with open(os.path.join(args.out, "fsdp2_check.json"), "w") as f:
+                json.dump(report, f, indent=2)
     lines = [f"# MST under FSDP2, world size 1 ({report['device']}, torch {report['torch']}, bf16)", "",
              "| check | result |", "|---|---|"]
-    m = report["masks"]
-    lines += [f"| custom loop: masks after {m['updates']} updates identical to the unsharded run | "
+    lines += [f"| {name} failed | {part['error']} |" for name, part in report.items()
+              if isinstance(part, dict) and "error" in part]
+    m = report["masks"] if "error" not in report["masks"] else None
+    lines += [] if m is None else [
+              f"| custom loop: masks after {m['updates']} updates identical to the unsharded run | "
               f"{m['masks_identical']} |",
               f"| custom loop: final weights identical | {m['weights_identical']} |",
               f"| pruned weights exactly 0 on the shards | {m['pruned_zero_fsdp']} |"]
-    for kind in ("plain", "fsdp2"):
+    for kind in ("plain", "fsdp2") if m is not None else ():
         t = m["after_backward_ms"][kind]
         lines.append(f"| `after_backward` ms, {kind}: update step / other step | {t['update']:.1f} / "
                      f"{t['other']:.2f} |")
-    if "trainer" in report:
+    if "error" not in report.get("trainer", {"error": None}):
         p, q = report["trainer"]["plain"], report["trainer"]["mst"]
         lines += [f"| peak GPU memory, plain Trainer (FSDP2, {p['params'] / 1e6:.0f}M params) | "
                   f"{p['peak_allocated_gib']:.2f} GiB |",
@@ -219,6 +232,7 @@ def main():
                   f"| mask state | {q['mask_bytes'] / 2**20:.1f} MiB = {q['mask_bytes'] / q['masked_weights']:.2f} "
                   f"bytes per masked weight (sharded: {q['sharded']}) |",
                   f"| wall time 20 steps, plain / MST | {p['seconds']:.1f} s / {q['seconds']:.1f} s |"]
+    if "error" not in report.get("resume", {"error": None}):
         r = report["resume"]
         lines += [f"| MSTTrainer resume from SHARDED_STATE_DICT: masks identical | {r['resumed_masks_identical']} |",
                   f"| checkpoint holds a distributed checkpoint | {r['checkpoint_has_dcp']} |",
