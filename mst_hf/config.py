@@ -11,72 +11,14 @@ from transformers import PretrainedConfig
 
 from . import recipe, schedule
 from .attention.patterns import HSASpec
+from .presets import DEFAULT_GROW_METHOD, PRESETS
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
 SPARSITY_DISTRIBUTIONS = ("erdos_renyi", "uniform")
-DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
+SPARSITY_STRUCTURES = ("unstructured", "block")
+WEIGHT_KERNELS = ("dense", "auto", "block")
 
-# Named presets. Each is documented in docs/concepts.md; `from_preset` returns a fresh config.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's GPT-2 recipe: short warm-up, long 90% ultra-sparse phase with hybrid sparse attention,
-    # restoration to dense. Counted (not timed) FLOP reduction for GPT-2 124M at context 1024, against the dense
-    # causal baseline: 5.21x (`python -m mst_hf.plan --preset gpt2-4x`, 100k steps x 512Ki tokens; 2.64x in
-    # warm-up, 8.86x in the ultra-sparse phase, 2.66x in restoration). The SPEC defaults already clear the paper's
-    # 4x, so no field is tuned; cubic curves keep warm-up and restoration at a mean sparsity of 0.675.
-    "gpt2-4x": dict(
-        initial_sparsity=0.0,
-        ultra_sparsity=0.9,
-        final_sparsity=0.0,
-        warmup_ratio=0.1,
-        restoration_ratio=0.2,
-        hsa_pattern="local_strided",
-        hsa_window=128,
-        hsa_stride=128,
-        hsa_phases=[schedule.ULTRA],
-    ),
-    # The paper's recipe with every field spelt out, so it stays the paper's whatever the defaults become: MG in
-    # the ultra phase (gradient growth in warm-up and restoration), the three phases 0.1/0.7/0.2 with cubic curves,
-    # local_strided attention (128/128) in the ultra phase only, ER allocation with the tied head sparsified, and
-    # none of the recipe options (the learning rate is left to TrainingArguments).
-    "mst-paper": dict(
-        initial_sparsity=0.0,
-        ultra_sparsity=0.9,
-        final_sparsity=0.0,
-        warmup_ratio=0.1,
-        restoration_ratio=0.2,
-        warmup_curve="cubic",
-        restoration_curve="cubic",
-        update_interval=100,
-        drop_fraction=0.3,
-        drop_fraction_schedule="cosine",
-        grow_method=dict(DEFAULT_GROW_METHOD),
-        mixed_gradient_fraction=0.75,
-        sparsity_distribution="erdos_renyi",
-        sparsify_lm_head=True,
-        hsa_pattern="local_strided",
-        hsa_window=128,
-        hsa_stride=128,
-        hsa_phases=[schedule.ULTRA],
-        hsa_layers="all",
-        hsa_head_split=False,
-        lr_schedule=None,
-        regrow_optimizer_state="zero",
-        regrow_init="zero",
-        lm_head_max_sparsity=None,
-        stop_updates_ratio=0.0,
-    ),
-    # Constant-sparsity RigL (gradient growth, no sparsity variation, dense attention), for comparison.
-    "rigl-0.9": dict(
-        initial_sparsity=0.9,
-        ultra_sparsity=0.9,
-        final_sparsity=0.9,
-        warmup_ratio=0.0,
-        restoration_ratio=0.0,
-        grow_method="gradient",
-        hsa_pattern="dense",
-    ),
-}
 
 
 def _is_int(value) -> bool:
@@ -106,6 +48,12 @@ class MSTConfig(PretrainedConfig):
         grow_method: ``"gradient"`` (RigL), ``"random"`` (SET), ``"mixed"`` (MG), or a dict phase -> method.
         mixed_gradient_fraction: share of ``mixed`` growth chosen by gradient; the rest is uniform random.
         sparsity_distribution: ``"erdos_renyi"`` or ``"uniform"`` layer-wise allocation.
+        sparsity_structure / block_size: ``"unstructured"`` masks single weights; ``"block"`` masks square tiles of
+            ``block_size`` (drop/grow score a tile by the L2 norm of its weights / dense gradient), so the
+            block-sparse kernels of ``mst_hf.kernels`` can skip inactive tiles.
+        weight_kernels: ``"dense"`` (masked dense matmuls), ``"auto"`` (the block kernel for each block-structured
+            layer where the measured break-even table says it is faster; dense on topology-update steps) or
+            ``"block"`` (the block kernel wherever the tile side divides the shape).
         target_modules / exclude_modules: module-name suffixes (list) or a full-match regex (str); ``None`` uses the
             per-``model_type`` default table in ``mst_hf.targets``.
         sparsify_lm_head: include the LM head (the shared matrix when tied to the token embedding).
@@ -159,6 +107,18 @@ class MSTConfig(PretrainedConfig):
     sparsity_distribution: str = field(
         default="erdos_renyi", metadata={"help": "Per-layer allocation: erdos_renyi or uniform."}
     )
+    sparsity_structure: str = field(
+        default="unstructured",
+        metadata={"help": "Mask granularity: unstructured (single weights) or block (square tiles of block_size)."},
+    )
+    block_size: int = field(
+        default=64, metadata={"help": "Tile side of sparsity_structure='block' (the block-sparse kernels: 32/64/128)."}
+    )
+    weight_kernels: str = field(
+        default="dense",
+        metadata={"help": "Matmul kernels of block-sparse layers: dense (masked dense), auto (block kernel where a "
+                  "measured table says it is faster) or block (always)."},
+    )
     target_modules: list | str | None = field(
         default=None, metadata={"help": "Module-name suffixes or a regex to sparsify (None: per model type)."}
     )
@@ -170,11 +130,11 @@ class MSTConfig(PretrainedConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random growth (the same on every rank)."})
     hsa_pattern: str = field(
-        default="local_strided", metadata={"help": "Attention pattern: dense, local, strided, local_strided or fixed."}
+        default=HSASpec.pattern, metadata={"help": "Attention pattern: dense, local, strided, local_strided or fixed."}
     )
-    hsa_window: int = field(default=128, metadata={"help": "Window of the local pattern, in positions."})
-    hsa_stride: int = field(default=128, metadata={"help": "Stride of the strided pattern, in positions."})
-    hsa_block: int = field(default=128, metadata={"help": "Block of the fixed pattern, in positions."})
+    hsa_window: int = field(default=HSASpec.window, metadata={"help": "Window of the local pattern, in positions."})
+    hsa_stride: int = field(default=HSASpec.stride, metadata={"help": "Stride of the strided pattern, in positions."})
+    hsa_block: int = field(default=HSASpec.block, metadata={"help": "Block of the fixed pattern, in positions."})
     hsa_phases: list | None = field(
         default=None, metadata={"help": "Phases with sparse attention (None: ultra); dense causal elsewhere."}
     )
@@ -273,6 +233,24 @@ class MSTConfig(PretrainedConfig):
         if self.sparsity_distribution not in SPARSITY_DISTRIBUTIONS:
             raise ValueError(
                 f"`sparsity_distribution` must be one of {SPARSITY_DISTRIBUTIONS}, got {self.sparsity_distribution!r}."
+            )
+        if self.sparsity_structure not in SPARSITY_STRUCTURES:
+            raise ValueError(
+                f"`sparsity_structure` must be one of {SPARSITY_STRUCTURES}, got {self.sparsity_structure!r}."
+            )
+        if not _is_int(self.block_size) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be a positive int (the tile side, e.g. 64), got {self.block_size!r}.")
+        if self.weight_kernels not in WEIGHT_KERNELS:
+            raise ValueError(f"`weight_kernels` must be one of {WEIGHT_KERNELS}, got {self.weight_kernels!r}.")
+        if self.weight_kernels != "dense" and self.sparsity_structure != "block":
+            raise ValueError(
+                f"`weight_kernels={self.weight_kernels!r}` runs block-sparse kernels, which need block-structured "
+                f"masks: set `sparsity_structure='block'` (got {self.sparsity_structure!r}) or `weight_kernels='dense'`."
+            )
+        if self.weight_kernels != "dense" and self.block_size not in (16, 32, 64, 128):
+            raise ValueError(
+                f"`weight_kernels={self.weight_kernels!r}` needs `block_size` 32, 64 or 128 (16 for tests), got "
+                f"{self.block_size!r}; use one of those or `weight_kernels='dense'`."
             )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

@@ -1,0 +1,72 @@
+"""Named MST recipes: ``MSTConfig.from_preset(name, **overrides)`` builds a config from one of these field dicts.
+
+Each entry is a plain dict of `MSTConfig` fields (validated when the config is built), documented in
+``docs/concepts.md``. A preset spells out what it depends on, so it keeps its meaning when defaults change.
+"""
+
+from typing import Any
+
+from . import schedule
+
+DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
+
+# Named presets. Each is documented in docs/concepts.md; `from_preset` returns a fresh config.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's GPT-2 recipe: short warm-up, long 90% ultra-sparse phase with hybrid sparse attention,
+    # restoration to dense. Counted (not timed) FLOP reduction for GPT-2 124M at context 1024, against the dense
+    # causal baseline: 5.21x (`python -m mst_hf.plan --preset gpt2-4x`, 100k steps x 512Ki tokens; 2.64x in
+    # warm-up, 8.86x in the ultra-sparse phase, 2.66x in restoration). The defaults already clear the paper's
+    # 4x, so no field is tuned; cubic curves keep warm-up and restoration at a mean sparsity of 0.675.
+    "gpt2-4x": dict(
+        initial_sparsity=0.0,
+        ultra_sparsity=0.9,
+        final_sparsity=0.0,
+        warmup_ratio=0.1,
+        restoration_ratio=0.2,
+        hsa_pattern="local_strided",
+        hsa_window=128,
+        hsa_stride=128,
+        hsa_phases=[schedule.ULTRA],
+    ),
+    # The paper's recipe with every field spelt out, so it stays the paper's whatever the defaults become: MG in
+    # the ultra phase (gradient growth in warm-up and restoration), the three phases 0.1/0.7/0.2 with cubic curves,
+    # local_strided attention (128/128) in the ultra phase only, ER allocation with the tied head sparsified, and
+    # none of the recipe options (the learning rate is left to TrainingArguments).
+    "mst-paper": dict(
+        initial_sparsity=0.0,
+        ultra_sparsity=0.9,
+        final_sparsity=0.0,
+        warmup_ratio=0.1,
+        restoration_ratio=0.2,
+        warmup_curve="cubic",
+        restoration_curve="cubic",
+        update_interval=100,
+        drop_fraction=0.3,
+        drop_fraction_schedule="cosine",
+        grow_method=dict(DEFAULT_GROW_METHOD),
+        mixed_gradient_fraction=0.75,
+        sparsity_distribution="erdos_renyi",
+        sparsify_lm_head=True,
+        hsa_pattern="local_strided",
+        hsa_window=128,
+        hsa_stride=128,
+        hsa_phases=[schedule.ULTRA],
+        hsa_layers="all",
+        hsa_head_split=False,
+        lr_schedule=None,
+        regrow_optimizer_state="zero",
+        regrow_init="zero",
+        lm_head_max_sparsity=None,
+        stop_updates_ratio=0.0,
+    ),
+    # Constant-sparsity RigL (gradient growth, no sparsity variation, dense attention), for comparison.
+    "rigl-0.9": dict(
+        initial_sparsity=0.9,
+        ultra_sparsity=0.9,
+        final_sparsity=0.9,
+        warmup_ratio=0.0,
+        restoration_ratio=0.0,
+        grow_method="gradient",
+        hsa_pattern="dense",
+    ),
+}
