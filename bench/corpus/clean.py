@@ -40,22 +40,23 @@ STOP_WORDS = frozenset(
     while who whom why will with would you your""".split()
 )
 
-_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
-_DOT_LEADER = re.compile(r"(?:\. ?){4,}|\.{3,}\s*\d+\s*$", re.M)
-_CODE_CHARS = set("\\{}_")
+_WORD = re.compile(r"[A-Za-z]+")
+_DOT_LEADER = re.compile(r"\.{5,}|(?:\. ){4,}")
+_CODE_CHARS = frozenset("\\{}_")
 
 
 def prose_stats(par):
-    """The measures the prose filter thresholds: length, letter share, words, stop-word ratio, code characters."""
-    nonspace = [c for c in par if not c.isspace()]
-    letters = sum(c.isalpha() for c in nonspace)
-    words = par.split()
-    stops = sum(w.lower() in STOP_WORDS for w in _WORD.findall(par))
+    """The measures the prose filter thresholds: length, letter share, words, stop-word ratio, code characters.
+
+    The letter share counts letters and whitespace over all characters; words are runs of ASCII letters.
+    """
+    words = _WORD.findall(par)
+    n = max(1, len(par))
     return {
         "chars": len(par),
-        "letter_share": letters / max(1, len(nonspace)),
+        "letter_share": sum(c.isalpha() or c.isspace() for c in par) / n,
         "words": len(words),
-        "stop_ratio": stops / max(1, len(words)),
+        "stop_ratio": sum(w.lower() in STOP_WORDS for w in words) / max(1, len(words)),
         "code_chars": sum(c in _CODE_CHARS for c in par),
     }
 
@@ -63,18 +64,24 @@ def prose_stats(par):
 def is_prose(par):
     """True for a paragraph of running English prose.
 
-    Thresholds: at least 80 characters, at least 80% of the non-space characters letters, at least 12 words, at
-    least 12% of the words stop words, at most one of ``\\ { } _`` per 200 characters, and no dot leaders (tables of
-    contents). These keep sentences and drop code, tables, option lists and indexes from technical documentation.
+    Thresholds: at least 80 characters, at least 80% letters or spaces, at least 12 words, at least 12% of the words
+    stop words, at most 2 + chars/200 of the characters ``\\ { } _`` (a stray one is fine, identifiers are not),
+    and no dot leaders (five dots in a row: tables
+    of contents). These keep sentences and drop code, tables, option lists and indexes from technical documentation.
     """
     s = prose_stats(par)
     if s["chars"] < 80 or s["words"] < 12:
         return False
     if s["letter_share"] < 0.8 or s["stop_ratio"] < 0.12:
         return False
-    if s["code_chars"] > len(par) / 200:
+    if s["code_chars"] > 2 + s["chars"] / 200:
         return False
     return not _DOT_LEADER.search(par)
+
+
+def flat(par):
+    """One paragraph on one line: every run of whitespace becomes one space."""
+    return " ".join(par.split())
 
 
 class Deduper:
