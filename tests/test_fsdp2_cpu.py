@@ -163,6 +163,7 @@ def _resume_run(kind: str, rank: int, directory: str, sharded_checkpoint: bool) 
         set_optimizer_state_dict,
     )
 
+    from mst_hf.io.attach import load_masks
     from mst_hf.io.checkpoint import load_mst_files, save_mst_files
 
     model = shard(build(kind))
@@ -194,8 +195,12 @@ def _resume_run(kind: str, rank: int, directory: str, sharded_checkpoint: bool) 
         set_model_state_dict(model, state.get("model", {}), options=load)
         set_optimizer_state_dict(model, optimizer, state.get("optim", {}), options=load)
     load_mst_files(directory, ctl)
+    attached = load_masks(model, directory, apply=False)  # a new MaskState over the sharded model: the same shards
+    same_shards = attached.masks.keys() == ctl.masks.masks.keys() and all(
+        torch.equal(attached.masks[n], ctl.masks.masks[n]) for n in attached.masks)
     train(model, ctl, optimizer, SAVE_AT, STEPS, (rank,), record)
-    return {"masks": record, "weights": full_weights(model), "zero": pruned_zero_on_shards(ctl)}
+    return {"masks": record, "weights": full_weights(model), "zero": pruned_zero_on_shards(ctl),
+            "load_masks_shards": same_shards}
 
 
 def worker(rank: int, port: int, out: str) -> None:
@@ -286,6 +291,7 @@ def test_resume_continues_bit_identically(runs, kind, mode):
         resumed = rank_result[kind, mode]
         assert _masks_equal(resumed["masks"], reference["masks"])
         assert _equal(resumed["weights"], reference["weights"])
+        assert resumed["load_masks_shards"]  # mst_hf.load_masks on the sharded model cuts the same shards
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -11,6 +11,7 @@ import re
 import torch
 from transformers.utils import logging
 
+from .. import sharding
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import MaskState, check_shapes
 from ..targets import find_targets, unwrap_model
@@ -111,7 +112,7 @@ def load_masks(target, path: str, apply: bool = True, strict: bool = True) -> Ma
                 raise ValueError(f"{message} Load masks saved from this model, or pass strict=False to mask only the "
                                  "parameters the file names.")
             logger.warning("%s strict=False: only the parameters the file names are masked.", message)
-        masks = MaskState({n: params[n] for n in shapes})
+        masks = MaskState({n: params[n] for n in shapes}, layout=sharding)  # FSDP2 models: masks as shards
     try:
         masks.load_state_dict(state, apply=apply)
     except ValueError as err:
