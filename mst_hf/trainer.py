@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import logging
 
+from . import sharding
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
 from .targets import PEFT_REFUSAL, has_peft_layers
@@ -48,20 +49,29 @@ class MSTTrainer(Trainer):
         if has_peft_layers(model):  # before Trainer touches the model (MSTController checks again)
             raise NotImplementedError(PEFT_REFUSAL)
         super().__init__(model, args, *trainer_args, **kwargs)
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "MSTTrainer does not support DeepSpeed: ZeRO hides the dense gradients the topology update needs. "
-                "Train with plain DDP (`accelerate launch --num_processes N`) instead."
-            )
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "MSTTrainer does not support FSDP: sharded parameters would need sharded masks. "
-                "Train with plain DDP (`accelerate launch --num_processes N`) instead."
-            )
+        self._refuse_unsupported_parallelism()
         self.mst_config = mst_config
         self.mst = MSTController(self.model, mst_config)
         self._mst_runs = 0
         self.add_callback(_MSTCallback(self.mst))
+
+    def _refuse_unsupported_parallelism(self) -> None:
+        """DeepSpeed and FSDP1 are refused; FSDP2 (``fully_shard``, DTensor parameters) is supported."""
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "MSTTrainer does not support DeepSpeed: ZeRO hides the dense gradients the topology update needs. "
+                "Train with plain DDP (`accelerate launch --num_processes N`) or, to shard weights and optimizer "
+                "state, with FSDP2 (`fsdp_version: 2`, see docs/fsdp2.md) instead."
+            )
+        if not self.is_fsdp_enabled:
+            return
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if fsdp_version != 2:
+            raise NotImplementedError(
+                f"MSTTrainer supports FSDP2 only, got fsdp_version={fsdp_version!r}: FSDP1 flattens parameters, so "
+                "masks cannot follow them. Set `fsdp_version: 2` in the accelerate config (or "
+                "`fsdp_config={'version': 2}` in TrainingArguments); see docs/fsdp2.md."
+            )
 
     # ------------------------------------------------------------------ the training step
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -132,10 +142,25 @@ class MSTTrainer(Trainer):
         """Trainer's files, then the MST files (masks, config, state) in the same folder: inside ``save_model``, so
         they are on disk before any Hub upload of the folder starts."""
         super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save:
+        self._save_mst_files(output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's ``save_model``; under FSDP2 with ``SHARDED_STATE_DICT`` Trainer writes no model files (the
+        distributed checkpoint holds the weights) and skips :meth:`_save`, so the MST files are written here."""
+        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            self._save_mst_files(output_dir)
+
+    def _save_mst_files(self, output_dir: str | None) -> None:
+        """Under FSDP2 every rank gathers the sharded masks (Trainer calls this on every rank then) and one writes
+        the same files as an unsharded run."""
+        self.mst.follow_params()
+        sharded = sharding.any_sharded(self.mst.masks.params.values())
+        if self.args.should_save or sharded:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             metrics = hub.collect_metrics(self.state.log_history, self.mst)
-            save_mst_files(output_dir, self.mst, self.state.global_step, self.state.max_steps, metrics)
+            save_mst_files(output_dir, self.mst, self.state.global_step, self.state.max_steps, metrics,
+                           write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Validate the checkpoint's MST files (refusing a missing, corrupt or mismatched mask file before anything is
@@ -143,12 +168,14 @@ class MSTTrainer(Trainer):
         and before the first step; Trainer restores the optimizer moments afterwards."""
         checkpoint = check_mst_checkpoint(resume_from_checkpoint, self.mst, args=self.args)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        self.mst.follow_params()  # FSDP2: Trainer resumes after sharding the model
         restore_mst_checkpoint(self.mst, checkpoint)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's masks come with its weights."""
         checkpoint = check_mst_checkpoint(self.state.best_model_checkpoint, self.mst)
         super()._load_best_model()
+        self.mst.follow_params()
         self.mst.masks.load_state_dict(checkpoint.masks, apply=True)
         self.mst.flops.invalidate()
 
