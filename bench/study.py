@@ -422,7 +422,8 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
             if out_path:  # a run stopped by the launcher's budget still leaves its curve
                 write_json(out_path, snapshot(step + 1, None))
             t_prev = time.time()
-    final = {k: evaluate(model, b, args.eval_batch, autocast) for k, b in {**evals, **extra}.items()}
+    limit = args.final_blocks or None
+    final = {k: evaluate(model, b[:limit], args.eval_batch, autocast) for k, b in {**evals, **extra}.items()}
     return snapshot(args.steps, final)
 
 
@@ -516,6 +517,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=20, help="evaluations along the run (curve points)")
     p.add_argument("--curve_blocks", type=int, default=256, help="validation blocks per curve point")
     p.add_argument("--eval_batch", type=int, default=128)
+    p.add_argument("--final_blocks", type=int, default=0, help="blocks of each final evaluation (0: all)")
     p.add_argument("--extra_val", action="append", default=[], help="NAME=PATH of a text file (repeatable)")
     p.add_argument("--hsa_backend", default="", help="force an HSA backend (MST_HSA_BACKEND)")
     p.add_argument("--jobs", type=int, default=0, help="parallel worker processes (0: in this process)")
