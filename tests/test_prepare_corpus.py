@@ -93,6 +93,11 @@ def test_roff_to_text_keeps_headings_with_their_paragraph():
     assert pars == ["NAME ls - list", "DESCRIPTION List files in dir", "More."]
 
 
+def test_roff_alternating_font_macros_join_their_arguments():
+    text = markup.roff_to_text('.SH SEE ALSO\n.BR epoll_wait (2),\n.B "two words" x\n')
+    assert clean.flat(text) == "SEE ALSO epoll_wait(2), two words x"
+
+
 def test_brown_sentence_removes_tags_and_attaches_punctuation():
     line = "\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, he/pps said/vbd ./."
     assert prose.brown_sentence(line) == 'The jury said " no evidence ", he said.'

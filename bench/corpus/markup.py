@@ -45,7 +45,8 @@ def html_to_text(markup):
 
 
 _ROFF_BREAK = re.compile(r"^\.(?:SH|SS|PP|LP|P|TP|IP|HP|sp|br|RS|RE|nf|fi|EX|EE|TH|in)\b\s*(.*)$")
-_ROFF_FONT_MACRO = re.compile(r"^\.(?:B|I|BI|BR|IB|IR|RB|RI|SM|SB|UR|MT)\b\s*(.*)$")
+_ROFF_FONT_MACRO = re.compile(r"^\.(B|I|BI|BR|IB|IR|RB|RI|SM|SB|UR|MT)\b\s*(.*)$")
+_ROFF_ARG = re.compile(r'"((?:[^"]|"")*)"|(\S+)')
 _ROFF_ESCAPE = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)|\\s[+-]?\d|\\\*(?:\(..|\[[^\]]*\]|.)|\\[&|^%]")
 _ROFF_SPECIAL = {
     "\\-": "-",
@@ -72,7 +73,8 @@ def _roff_inline(line):
 
 def roff_to_text(source):
     """Text of a man page: section and paragraph macros break paragraphs (a heading starts the next paragraph),
-    font macros keep their words (quotes dropped), other requests and comments are dropped, escapes resolved."""
+    font macros keep their words (alternating-font macros such as .BR join them), other requests and comments are
+    dropped, escapes resolved."""
     out = []
     for line in source.split("\n"):
         if line.startswith(('.\\"', "'\\\"", '\\"')):
@@ -85,7 +87,10 @@ def roff_to_text(source):
             continue
         font = _ROFF_FONT_MACRO.match(line)
         if font:
-            out.append(_roff_inline(font.group(1).replace('"', "")) + "\n")
+            args = [bare or quoted for quoted, bare in _ROFF_ARG.findall(font.group(2))]
+            # alternating-font macros (.BR, .IR, ...) set their arguments side by side; .B/.I keep the spaces
+            joiner = "" if len(font.group(1)) == 2 and font.group(1) not in ("SM", "SB", "UR", "MT") else " "
+            out.append(_roff_inline(joiner.join(a for a in args if a)) + "\n")
         elif line.startswith((".", "'")):
             continue
         else:
