@@ -36,7 +36,7 @@ SOURCES = {
     "r-doc": ("html", ["usr/share/R/doc/manual/*.html"], []),
     "gimp-help": ("html", ["usr/share/gimp/2.0/help/en/*.html"], []),
     "debian-handbook": ("html", ["usr/share/doc/debian-handbook/html/en-US/*.html"], []),
-    "debian-policy": ("raw", ["usr/share/doc/debian-policy/**/_sources/**/*.txt"], []),
+    "debian-policy": ("raw", ["usr/share/doc/debian-policy/*.txt.gz"], []),
     "debian-reference": ("html", ["usr/share/debian-reference/*.html"], []),
     "developers-reference": ("raw", ["usr/share/developers-reference/_sources/*.txt"], []),
     "bash-doc": ("html", ["usr/share/doc/bash/*.html"], []),
