@@ -76,13 +76,15 @@ def parse_value(text: str):
 
 
 def parse_arms(args) -> dict[str, tuple[str, dict]]:
-    """``label -> (base arm, MSTConfig overrides)`` from ``--arms`` and every ``--arm LABEL=BASE:key=value``."""
+    """``label -> (base arm, MSTConfig overrides)`` from ``--arms`` and every ``--arm LABEL=BASE:key=value[@SEEDS]``.
+    A dense arm's overrides may only be learning-rate fields (``lr_schedule``, ``lr_floor``, ``lr_decay_start``)."""
     arms = {}
     for name in [a for a in args.arms.split(",") if a]:
         if name not in BASE_ARMS:
             raise ValueError(f"`--arms` names {name!r}; known arms are {BASE_ARMS} (add variants with --arm).")
         arms[name] = (name, {})
     for spec in args.arm:
+        spec = spec.partition("@")[0]  # "@SEEDS" is read by `tasks`
         label, _, rest = spec.partition("=")
         base, *pairs = rest.split(":")
         if not label or base not in BASE_ARMS or any("=" not in p for p in pairs):
@@ -349,7 +351,13 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args, cfg))
+    lr_cfg = cfg
+    if cfg is None and overrides:  # a dense arm with its own learning-rate schedule (default phases for "wsd")
+        bad = sorted(set(overrides) - {"lr_schedule", "lr_floor", "lr_decay_start"})
+        if bad:
+            raise ValueError(f"arm {label!r}: a dense arm only takes learning-rate overrides, got {bad}.")
+        lr_cfg = MSTConfig(hsa_pattern="dense", **overrides)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args, lr_cfg))
     total_sched = args.steps - delay
     eval_steps = set(np.linspace(0, args.steps, args.evals + 1).round().astype(int).tolist()[1:])
     n_active_sum = 0
@@ -431,10 +439,14 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
 
 
 def tasks(args) -> list[tuple[str, str, dict, int]]:
+    """Every (arm, seed) run, in order: ``--seeds`` for the ``--two_seed_arms``, the first seed for the others, and
+    the seeds after ``@`` for an ``--arm`` spec that has them (e.g. ``--arm x=mst:ultra_sparsity=0.8@1``)."""
     seeds = [int(s) for s in args.seeds.split(",")]
     two = set(parse_arms(args)) if args.two_seed_arms == "all" else set(args.two_seed_arms.split(","))
+    explicit = {spec.partition("=")[0]: [int(x) for x in spec.partition("@")[2].split(",")]
+                for spec in args.arm if "@" in spec}
     return [(label, base, ov, seed) for label, (base, ov) in parse_arms(args).items()
-            for seed in (seeds if label in two else seeds[:1])]
+            for seed in explicit.get(label, seeds if label in two else seeds[:1])]
 
 
 def launch(args, study: Study) -> None:
