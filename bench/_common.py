@@ -148,15 +148,29 @@ def _fmt(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def study_report(folder: str) -> str:
-    """``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs) from the per-run JSONs."""
-    rows = _load_rows(folder)
+def study_report(folder: str, out: str | None = None) -> str:
+    """``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs) from the per-run JSONs.
+
+    ``folder`` may list several folders (comma-separated) of runs of the same rung: a run (label, seed) found again
+    in a later folder is a rerun, reported in a note instead of a second row. Output goes to ``out`` (default: the
+    first folder)."""
+    folders = [f for f in folder.split(",") if f]
+    rows, seen, reruns = [], set(), []
+    for f in folders:
+        for r in _load_rows(f):
+            key = (r["label"], r["seed"])
+            (reruns.append(r) if key in seen else rows.append(r))
+            seen.add(key)
     if not rows:
         raise ValueError(f"No study results (LABEL-sSEED.json) in {folder!r}.")
-    args = {}
-    if os.path.isfile(os.path.join(folder, "args.json")):
-        with open(os.path.join(folder, "args.json")) as f:
-            args = json.load(f)
+    folder = out or folders[0]
+    os.makedirs(folder, exist_ok=True)
+    commands = []
+    for f in folders:
+        if os.path.isfile(os.path.join(f, "args.json")):
+            with open(os.path.join(f, "args.json")) as fh:
+                commands.append(json.load(fh).get("command", "python bench/study.py ..."))
+    args = {"command": "`; `".join(commands)} if commands else {}
     dense = [r for r in rows if r["label"] == "dense"]
     dense_final = {r["seed"]: r["final"]["val"] for r in dense}
     dense_curve_final = float(np.mean([r["curve"][-1]["val"] for r in dense])) if dense else None
@@ -198,16 +212,25 @@ def study_report(folder: str) -> str:
         target_note = (f"Dense's final validation loss on the curve subset (mean of {len(dense)} seed(s)): "
                        f"{dense_curve_final:.4f}; 'FLOPs to dense's final val loss' interpolates each run's "
                        "evaluation curve (same subset) linearly between the two evaluations around the crossing.")
-    lines += ["", target_note, "", "Per arm, over seeds (spread = max - min):", "",
-              "| arm | seeds | val loss (each seed) | mean | spread | held-out loss (each seed) | mean | spread |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label in sorted({r["label"] for r in rows}, key=lambda x: (x != "dense", x)):
+    for r in reruns:
+        lines.append(f"Rerun of {r['label']} seed {r['seed']} (not in the tables): val {r['final']['val']:.4f}, "
+                     f"held-out {r['final']['heldout']:.4f}.")
+    mst_mean = [r["final"]["val"] for r in rows if r["label"] == "mst"]
+    mst_mean = float(np.mean(mst_mean)) if mst_mean else None
+    lines += ["", target_note, "", "Per arm, over seeds (spread = max - min; differences from `mst` use the means):",
+              "", "| arm | changes | seeds | val loss (each seed) | mean | spread | val - mst "
+              "| held-out loss (each seed) | mean | spread | reduction (headline) | strictest |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label in sorted({r["label"] for r in rows}, key=lambda x: (x != "dense", x != "mst", x)):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
         v = [r["final"]["val"] for r in rs]
         h = [r["final"]["heldout"] for r in rs]
-        lines.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {', '.join(f'{x:.4f}' for x in v)} | "
-                     f"{np.mean(v):.4f} | {max(v) - min(v):.4f} | {', '.join(f'{x:.4f}' for x in h)} | "
-                     f"{np.mean(h):.4f} | {max(h) - min(h):.4f} |")
+        change = ", ".join(f"{k}={val}" for k, val in rs[0].get("overrides", {}).items()) or rs[0]["arm"]
+        delta = "-" if mst_mean is None else f"{np.mean(v) - mst_mean:+.4f}"
+        lines.append(f"| {label} | {change} | {','.join(str(r['seed']) for r in rs)} | "
+                     f"{', '.join(f'{x:.4f}' for x in v)} | {np.mean(v):.4f} | {max(v) - min(v):.4f} | {delta} | "
+                     f"{', '.join(f'{x:.4f}' for x in h)} | {np.mean(h):.4f} | {max(h) - min(h):.4f} | "
+                     f"{rs[0]['reduction']['headline']:.2f}x | {rs[0]['reduction']['strictest']:.2f}x |")
     shares = r0["model"]["flop_shares"]
     lines += ["", f"Dense FLOP shares of the rung (per token, mst_hf.flops): LM head {shares['head']:.1%}, other "
                   f"matmuls {shares['blocks']:.1%}, attention {shares['attention']:.1%}."]

@@ -536,7 +536,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_s", type=float, default=420.0, help="stop workers still running after this long")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
-    p.add_argument("--report", default=None, help="only rebuild study.md / study.png from this folder's JSONs")
+    p.add_argument("--report", default=None, help="only rebuild study.md / study.png from the JSONs of these "
+                   "folders (comma-separated; written to --out when given, else the first folder)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--args_json", default=None, help=argparse.SUPPRESS)
     return p
@@ -581,7 +582,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.report:
-        study_report(args.report)
+        study_report(args.report, args.out if "--out" in args.command.split() else None)
         return 0
     if args.smoke:
         smoke_setup(args)
