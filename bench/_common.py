@@ -185,9 +185,9 @@ def study_report(folder: str, out: str | None = None) -> str:
         "",
         "| arm | seed | model (L x d) | non-emb. params | tokens / non-emb. param | val loss | held-out loss | "
         + "".join(f"{e} | " for e in extra)
-        + "gap to dense (same seed) | counted FLOPs | reduction (headline) | tiles | no attn credit | dense head | "
-          "strictest | FLOPs to dense's final val loss (x dense) | mean active matmul params | final sparsity | "
-          "train wall (s) |",
+        + "gap to dense (same seed) | counted FLOPs | reduction (headline) | tiles | no attn credit | "
+          "head charged dense | strictest | FLOPs to dense's final val loss (x dense) | mean active matmul params | "
+          "final sparsity | train wall (s) |",
         "|" + "---|" * (19 + len(extra)),
     ]
     target_note = ""

@@ -369,6 +369,12 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     non_embedding = sum(p.numel() for n, p in model.named_parameters()
                         if not n.startswith(("transformer.wte", "transformer.wpe")))
 
+    planned = None  # the library's plan-based conventions (mst_hf.conventions) of an undelayed sparse arm
+    if cfg is not None and delay == 0:
+        from mst_hf.conventions import convention_reductions
+
+        planned = convention_reductions(fm, cfg, args.steps, args.batch * args.seq_len, args.seq_len)
+
     def snapshot(steps_done: int, final: dict | None) -> dict:
         """The run's record after ``steps_done`` steps (``final`` evaluations only at the end)."""
         tokens = steps_done * args.batch * args.seq_len
@@ -385,7 +391,8 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
             "steps": steps_done, "planned_steps": args.steps, "tokens": tokens,
             "counted_flops": float(meter.total_flops), "base_dense_flops": float(base_dense),
             "reduction": {k: base_dense / v if v else 1.0 for k, v in conventions.items()},
-            "conventions_flops": conventions, "final": final, "curve": curve, "train_loss": losses,
+            "conventions_flops": conventions, "planned_conventions": planned,
+            "final": final, "curve": curve, "train_loss": losses,
             "final_sparsity": ctl.masks.sparsity() if ctl is not None else 0.0,
             "topology_updates": len(ctl.history) if ctl is not None else 0,
             "wall_train_s": train_time, "wall_total_s": time.time() - t_start,
