@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from . import recipe, schedule, topology
+from . import recipe, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
 from .masks import MaskState
 from .targets import TargetWeight, require_targets, unwrap_model
@@ -35,6 +35,12 @@ _SEED_MOD = 2**62
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _tokens(inputs) -> int:
+    """Tokens of one micro-batch on this rank (0 when unknown)."""
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    return int(ids.numel()) if ids is not None else 0
 
 
 class MSTController:
@@ -49,10 +55,14 @@ class MSTController:
         self.model = model
         self.config = mst_config
         self.targets: dict[str, TargetWeight] = require_targets(model, mst_config)
-        self.masks = MaskState({name: t.param for name, t in self.targets.items()})
+        self.masks = MaskState({name: t.param for name, t in self.targets.items()}, layout=sharding)
+        root = unwrap_model(model)  # modules stay when FSDP2 swaps their parameters: follow_params reads them
+        self._target_modules = {name: root.get_submodule(t.module_name) for name, t in self.targets.items()}
         if mst_config.lm_head_max_sparsity is not None:  # an infeasible cap fails now, not at mid-run
             self.target_densities(max(mst_config.initial_sparsity, mst_config.ultra_sparsity,
                                       mst_config.final_sparsity))
+        # tile side of block-structured masks (None: unstructured); counts in update records are then tiles
+        self.block: int | None = mst_config.block_size if mst_config.sparsity_structure == "block" else None
         self.history: list[dict] = []  # one record per topology update
         self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
@@ -62,10 +72,39 @@ class MSTController:
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
         if initialize_masks and mst_config.initial_sparsity > 0:
             self._random_initial_masks(mst_config.initial_sparsity)
+        self.weight_kernels = None
+        if mst_config.weight_kernels != "dense":
+            from .weight_kernels import WeightKernels
+
+            self._refuse_sharded_kernels(self.masks.params.values())
+
+            self.weight_kernels = WeightKernels(unwrap_model(model), self.targets, self.masks, self.block,
+                                                mst_config.weight_kernels)
         if mst_config.hsa_pattern != "dense":
             self._setup_hsa()
 
     # ------------------------------------------------------------------ helpers
+    def _refuse_sharded_kernels(self, params) -> None:
+        if sharding.any_sharded(params):
+            raise NotImplementedError(
+                f"weight_kernels={self.config.weight_kernels!r} does not run on FSDP2-sharded weights. Set "
+                "`weight_kernels='dense'` to train with FSDP2."
+            )
+
+    def follow_params(self) -> None:
+        """Re-point targets and masks at the modules' current weights. FSDP2's ``fully_shard`` (which
+        ``Trainer.train`` runs after this controller was built) replaces every parameter by a ``DTensor`` one; the
+        masks are then cut like the new shards (:mod:`mst_hf.sharding`). Called by :meth:`after_backward`; cheap
+        when nothing changed (one attribute read per target)."""
+        moved = {n: m.weight for n, m in self._target_modules.items() if m.weight is not self.targets[n].param}
+        if not moved:
+            return
+        if self.weight_kernels is not None:
+            self._refuse_sharded_kernels(moved.values())
+        self.masks.rebind(moved)
+        for name, param in moved.items():
+            self.targets[name].param = param
+
     def shapes(self) -> list[tuple[int, int]]:
         return [(t.n_in, t.n_out) for t in self.targets.values()]
 
@@ -112,9 +151,13 @@ class MSTController:
     def _random_initial_masks(self, sparsity: float) -> None:
         for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
             param = self.targets[name].param
-            n_active = topology.active_count(param.numel(), density)
             generator = self._generator(-1, i, param.device)
-            mask = topology.random_mask(tuple(param.shape), n_active, generator, param.device)
+            if self.block is not None:
+                n_tiles = topology.active_tiles(tuple(param.shape), self.block, density)
+                mask = topology.random_block_mask(tuple(param.shape), n_tiles, self.block, generator, param.device)
+            else:
+                n_active = topology.active_count(param.numel(), density)
+                mask = topology.random_mask(tuple(param.shape), n_active, generator, param.device)
             self.masks.set_mask(name, mask)
         self.masks.apply_to_weights()
 
@@ -148,6 +191,8 @@ class MSTController:
         if inputs is not None:
             self.flops.add_inputs(inputs, world_size=_world_size() if world_size is None else world_size)
             self.hsa_density = self._hsa_density(on, inputs)
+        if self.weight_kernels is not None:
+            self.weight_kernels.before_forward(self.is_update_step(step, total_steps), _tokens(inputs))
         return on
 
     def _hsa_density(self, on: bool, inputs) -> float:
@@ -169,6 +214,7 @@ class MSTController:
         """After the (accumulated, all-reduced) backward of the last micro-batch of ``step``: add the step's FLOPs
         (with the masks its forward and backward ran with), update the topology when due, then mask the gradients.
         Returns the update's record, or ``None`` when no update happened."""
+        self.follow_params()
         update = self.is_update_step(step, total_steps)
         self.flops.end_step(self.masks, hsa_on=bool(self.hsa_on), update_step=update)
         record = None
@@ -180,6 +226,8 @@ class MSTController:
             self.skipped_updates.append(step)
         elif update:
             record = self.update_topology(step, total_steps, optimizer)
+            if self.weight_kernels is not None:
+                self.weight_kernels.masks_changed()
         self.masks.apply_to_grads()
         return record
 
@@ -190,24 +238,41 @@ class MSTController:
     # ------------------------------------------------------------------ topology evolution
     @torch.no_grad()
     def update_topology(self, step: int, total_steps: int, optimizer=None) -> dict:
-        """Drop and grow connections of every target layer toward the schedule's target sparsity at ``step``."""
+        """Drop and grow connections of every target layer toward the schedule's target sparsity at ``step``.
+
+        With FSDP2-sharded weights, one layer at a time: gather its weight, gradient and mask, run the same update
+        on every rank (same tensors, same seeded generator, so the same full mask), keep this rank's shard."""
         cfg = self.config
+        sharded = sharding.any_sharded(self.masks.params.values())
+        removed = added = 0
         sparsity = schedule.target_sparsity(step, total_steps, cfg)
         zeta = schedule.drop_fraction(step, total_steps, cfg)
         method = schedule.grow_method(step, total_steps, cfg)
         new_masks, n_drop, n_grow = {}, 0, 0
         for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
             param = self.targets[name].param
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            target_active = topology.active_count(param.numel(), density)
-            new_masks[name], dropped, grown = topology.evolve(
-                self.masks.masks[name], param, grad, target_active, zeta, method,
-                generator=self._generator(step, i, param.device), gradient_fraction=cfg.mixed_gradient_fraction,
-            )
+            weight, mask = sharding.full(param), self.masks.full_mask(name)
+            grad = sharding.full(param.grad) if param.grad is not None else torch.zeros_like(weight)
+            generator = self._generator(step, i, param.device)
+            if self.block is not None:  # counts in tiles
+                target = topology.active_tiles(tuple(param.shape), self.block, density)
+                new_masks[name], dropped, grown = topology.evolve_blocks(
+                    mask, weight, grad, target, zeta, method, self.block, generator=generator,
+                    gradient_fraction=cfg.mixed_gradient_fraction,
+                )
+            else:
+                target = topology.active_count(param.numel(), density)
+                new_masks[name], dropped, grown = topology.evolve(
+                    mask, weight, grad, target, zeta, method, generator=generator,
+                    gradient_fraction=cfg.mixed_gradient_fraction,
+                )
             n_drop += dropped
             n_grow += grown
-        new_masks = self._broadcast(new_masks)
-        removed = added = 0
+            if sharded:  # the same full mask on every rank: keep this layer's shard now, free the full tensors
+                r, a = self.masks.set_mask(name, new_masks.pop(name), optimizer)
+                removed += r
+                added += a
+        new_masks = self._broadcast(new_masks) if new_masks else new_masks
         for name, mask in new_masks.items():
             r, a = self.masks.set_mask(name, mask, optimizer, regrow_optimizer_state=cfg.regrow_optimizer_state,
                                        regrow_init=cfg.regrow_init, regrow_init_scale=cfg.regrow_init_scale)
@@ -224,6 +289,7 @@ class MSTController:
             "grown": n_grow,
             "net_removed": removed,
             "net_added": added,
+            "unit": "weights" if self.block is None else f"{self.block}x{self.block} tiles",  # of dropped / grown
         }
         self.history.append(record)
         self.last_update_step = step

@@ -3,14 +3,14 @@
 Thin wiring only: the masks, the schedule and the attention live in :class:`mst_hf.controller.MSTController`;
 this class calls it at the right points of Trainer's own loop (never a copy of the loop):
 
-* ``training_step``: before the forward, hybrid sparse attention on/off for the step; after the backward of the
-  last micro-batch of an optimizer step (gradients accumulated and all-reduced), the topology update when due and
-  the gradient masking;
+* ``training_step``: ``MSTController.before_forward`` before each micro-batch (attention pattern, token count) and
+  ``MSTController.after_backward`` after the backward of the last micro-batch of an optimizer step (gradients
+  accumulated and all-reduced: FLOP count, topology update when due, gradient masking);
 * ``on_optimizer_step`` (callback): pruned weights back to exactly zero;
 * ``_save`` / ``_load_from_checkpoint`` / ``_load_best_model``: MST files next to the Trainer's (see
-  :mod:`mst_hf.checkpoint`), validated before the Trainer loads any weight;
+  :mod:`mst_hf.io.checkpoint`), validated before the Trainer loads any weight;
 * ``push_to_hub`` / ``create_model_card`` / ``_push_from_checkpoint``: the MST files, tags and card section go to
-  the Hub with the model (see :mod:`mst_hf.hub`).
+  the Hub with the model (see :mod:`mst_hf.io.hub`).
 """
 
 import os

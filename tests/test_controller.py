@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from mst_hf import MSTConfig, MSTController, MSTTrainer
+from mst_hf import MSTConfig, MSTController, MSTTrainer, topology
 
 from .helpers import tiny_gpt2, toy_dataset
 
@@ -117,3 +117,28 @@ def test_plain_module_with_sparse_attention_is_refused_with_the_fix():
     with pytest.raises(TypeError, match="hsa_pattern='dense'"):
         MSTController(Plain(), MSTConfig(target_modules=["fc"]))
     assert len(MSTController(Plain(), MSTConfig(target_modules=["fc"], hsa_pattern="dense")).targets) == 1
+
+
+def test_block_structured_masks_stay_whole_tiles_through_training():
+    cfg = MSTConfig(initial_sparsity=0.5, ultra_sparsity=0.75, final_sparsity=0.5, warmup_ratio=0.25,
+                    restoration_ratio=0.25, update_interval=2, hsa_pattern="dense", sparsity_structure="block",
+                    block_size=8)
+    model = tiny_gpt2(n_embd=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = MSTController(model, cfg)
+    data = toy_dataset(n=8 * 4)
+    for step in range(8):
+        rows = data[step * 4 : (step + 1) * 4]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        ctl.before_forward(step, 8, batch)
+        model(**batch).loss.backward()
+        ctl.after_backward(step, 8, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        ctl.after_optimizer_step()
+        for name, mask in ctl.masks.masks.items():
+            tiles = topology.tile_mask(mask, 8)
+            assert torch.equal(topology.expand_blocks(tiles, 8, tuple(mask.shape)), mask), (name, step)
+            assert not ctl.targets[name].param.detach()[~mask].any()
+    assert len(ctl.history) >= 3 and ctl.history[-1]["unit"] == "8x8 tiles"
+    assert 0.4 < ctl.masks.sparsity() < 0.8
