@@ -371,7 +371,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
 
     planned = None  # the library's plan-based conventions (mst_hf.conventions) of an undelayed sparse arm
     if cfg is not None and delay == 0:
-        from mst_hf.conventions import convention_reductions
+        from mst_hf.plan import convention_reductions
 
         planned = convention_reductions(fm, cfg, args.steps, args.batch * args.seq_len, args.seq_len)
 

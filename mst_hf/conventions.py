@@ -87,23 +87,6 @@ def convention_flop_models(flop_model: FlopModel) -> dict[str, FlopModel | None]
     }
 
 
-def convention_reductions(flop_model: FlopModel, mst_config, total_steps: int, tokens_per_step: int,
-                          seq_len: int | None = None, headline: float | None = None) -> dict[str, float | None]:
-    """Counted FLOP reduction (dense causal baseline over the run's count) under each of :data:`CONVENTIONS`
-    (``headline``: the headline reduction when already planned, to skip planning it again)."""
-    from .plan import plan_run
-
-    out = {}
-    for name, fm in convention_flop_models(flop_model).items():
-        if name == "headline" and headline is not None:
-            out[name] = headline
-        elif fm is None:
-            out[name] = None
-        else:
-            out[name] = plan_run(fm, mst_config, total_steps, tokens_per_step, seq_len).flop_reduction
-    return out
-
-
 def lm_head_sparsity(flop_model: FlopModel, mst_config, sparsity: float) -> dict[str, float] | None:
     """At global ``sparsity``: the LM head's sparsity and the sparsity of the other targets together, as the
     controller allocates them (``lm_head_max_sparsity`` included); ``None`` when the head is not a target."""

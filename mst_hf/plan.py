@@ -290,6 +290,23 @@ def plan_run(model_or_config, mst_config, total_steps: int, tokens_per_step: int
 # --------------------------------------------------------------------------- command line
 
 
+def convention_reductions(flop_model: FlopModel, mst_config, total_steps: int, tokens_per_step: int,
+                          seq_len: int | None = None, headline: float | None = None) -> dict[str, float | None]:
+    """Counted FLOP reduction (dense causal baseline over the run's count) under each of
+    :data:`mst_hf.conventions.CONVENTIONS` (``headline``: the headline reduction when already planned, to skip
+    planning it again)."""
+    out = {}
+    for name, fm in conventions.convention_flop_models(flop_model).items():
+        if name == "headline" and headline is not None:
+            out[name] = headline
+        elif fm is None:
+            out[name] = None
+        else:
+            out[name] = plan_run(fm, mst_config, total_steps, tokens_per_step, seq_len).flop_reduction
+    return out
+
+
+
 def load_mst_config(path: str):
     """An :class:`~mst_hf.MSTConfig` from an ``mst_config.json`` file (any name) or the folder holding one."""
     from transformers import PretrainedConfig
@@ -329,7 +346,7 @@ def main(argv=None) -> int:
     plan = plan_run(args.model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
     label = args.config or f"preset {args.preset or 'gpt2-4x'}"
     summary = {"model": args.model, "mst_config": label, **plan.summary()}
-    summary["conventions"] = conventions.convention_reductions(plan.flop_model, mst_config, args.steps,
+    summary["conventions"] = convention_reductions(plan.flop_model, mst_config, args.steps,
                                                                args.tokens_per_step, plan.seq_len, plan.flop_reduction)
     summary["lm_head_at_ultra"] = conventions.lm_head_sparsity(plan.flop_model, mst_config, mst_config.ultra_sparsity)
     if not args.json:
