@@ -179,3 +179,12 @@ def test_cli_preset_reaches_4x(cli_run):
 
 def test_cli_writes_png(cli_run):
     assert cli_run()["png"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_recommended_preset_keeps_the_counted_4x_on_gpt2_124m():
+    from mst_hf import MSTConfig
+    from mst_hf.plan import plan_run
+
+    cfg = MSTConfig.from_preset("mst-recommended")
+    assert (cfg.lr_schedule, cfg.lm_head_max_sparsity, cfg.grow_method) == ("wsd", 0.8, "gradient")
+    assert plan_run("gpt2-124m", cfg, 10_000, 512 * 1024, 1024).flop_reduction >= 4.0
