@@ -18,12 +18,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["mst_hf", "mst_hf.*"]),
-    package_data={"mst_hf": ["data/*", "data/*/*", "metrics/*", "metrics/*/*"]},
+    package_data={"mst_hf": ["data/*", "data/*/*", "metrics/*", "metrics/*/*", "kernels/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     # What `import mst_hf` imports; everything else is imported where it is used and comes with an extra.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.library.triton_op (the block-sparse kernels)
         "transformers>=5.17,<6",
         "accelerate>=1.10",
         "safetensors>=0.4",
