@@ -37,10 +37,8 @@ LAUNCH = {"num_warps": 4, "num_stages": 2, "bm": 64, "bn": 64, "cls_tile": 64}
 
 
 @functools.cache
-@functools.cache
 def triton_installed() -> bool:
-    """Whether the `triton` package can be imported (checked without importing it, once: a ``find_spec`` costs
-    0.1-0.2 ms, as much as the kernel at 1k tokens, and every launch asks)."""
+    """Whether the `triton` package can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
