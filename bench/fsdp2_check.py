@@ -101,15 +101,7 @@ def check_masks(device, dtype) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ 2./3. Trainer
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int):
-        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from mst_step import Tokens  # noqa: E402 (bench/ is the script's folder: synthetic token rows)
 
 
 def trainer_args(out: str, steps: int, state_dict_type: str = "SHARDED_STATE_DICT", **kw) -> TrainingArguments:
