@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hsa_pattern="dense",
     ),
     # The best recipe of the study in docs/results.md (4-layer d=192 GPT-2, 38M tokens, two seeds each): the paper's
-    # phases and attention with gradient growth in every phase (mixed growth cost quality), the learning rate
+    # phases and attention with gradient growth in every phase (mixed growth gained nothing), the learning rate
     # decaying with restoration (warmup-stable-decay to 10% of the peak) and the tied LM head capped at 80%
     # sparsity. There it ended 0.32 nats below `mst-paper` at the same counted 4.00x, still above constant-density
     # RigL with the same LR schedule and above an iso-FLOP small dense model: see docs/results.md.
