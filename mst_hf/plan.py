@@ -18,7 +18,8 @@ Command line (GPT-2 124M on the meta device, no weights)::
     python -m mst_hf.plan --preset gpt2-4x --steps 100000 --plot plan.png
 
 prints a per-phase Markdown table and, as its last line, one JSON object with ``flop_reduction``,
-``mst_total_flops`` and ``dense_total_flops``.
+``mst_total_flops`` and ``dense_total_flops``. ``--gpu "NVIDIA H200"`` adds the predicted weight-matmul time per
+phase on that GPU (:mod:`mst_hf.predict`; a ``predicted_time`` key in the JSON).
 """
 
 import argparse
@@ -30,7 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import conventions, recipe, schedule
+from . import conventions, predict, recipe, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
 from .topology import active_count, allocate
 
@@ -335,6 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--plot", default=None, help="write a PNG of the schedule and the cumulative FLOPs here")
     p.add_argument("--json", action="store_true", help="print only the JSON summary line")
+    predict.add_arguments(p)
     return p
 
 
@@ -343,7 +345,8 @@ def main(argv=None) -> int:
     from .config import MSTConfig
 
     mst_config = load_mst_config(args.config) if args.config else MSTConfig.from_preset(args.preset or "gpt2-4x")
-    plan = plan_run(args.model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
+    model = build_meta_model(args.model)
+    plan = plan_run(model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
     label = args.config or f"preset {args.preset or 'gpt2-4x'}"
     summary = {"model": args.model, "mst_config": label, **plan.summary()}
     summary["conventions"] = convention_reductions(plan.flop_model, mst_config, args.steps,
@@ -366,6 +369,11 @@ def main(argv=None) -> int:
         if head is not None:
             print(f"LM head at ultra sparsity {mst_config.ultra_sparsity}: sparsity {head['lm_head']:.4f} "
                   f"({head['lm_head_share']:.1%} of the targeted weights), other targets {head['other_targets']:.4f}.")
+    if args.gpu:
+        prediction = predict.cli_prediction(args, plan, mst_config, model)
+        summary["predicted_time"] = prediction.summary()
+        if not args.json:
+            print("\n" + prediction.markdown())
     if args.plot:
         from .plotting import plot_schedule
 
