@@ -77,7 +77,8 @@ def parse_value(text: str):
 
 def parse_arms(args) -> dict[str, tuple[str, dict]]:
     """``label -> (base arm, MSTConfig overrides)`` from ``--arms`` and every ``--arm LABEL=BASE:key=value[@SEEDS]``.
-    A dense arm's overrides may only be learning-rate fields (``lr_schedule``, ``lr_floor``, ``lr_decay_start``)."""
+    A dense arm's overrides may only be learning-rate fields (``lr_schedule``, ``lr_floor``, ``lr_decay_start``);
+    any arm may also set ``adam_beta2`` (AdamW's beta2, default 0.95), which is not an MSTConfig field."""
     arms = {}
     for name in [a for a in args.arms.split(",") if a]:
         if name not in BASE_ARMS:
@@ -341,7 +342,11 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     curve_sets = {s: b[: args.curve_blocks] for s, b in evals.items()}
     extra = extra_val_blocks(args, device)
 
-    mcfg, cfg, delay = study.arm(base, seed, overrides)
+    # training-side overrides (not MSTConfig fields): Adam's beta2, e.g. HF's default 0.999 instead of 0.95
+    train_keys = {"adam_beta2"}
+    beta2 = float(overrides.get("adam_beta2", 0.95))
+    mst_overrides = {k: v for k, v in overrides.items() if k not in train_keys}
+    mcfg, cfg, delay = study.arm(base, seed, mst_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(mcfg, attn_implementation="sdpa").to(device)
     ctl = MSTController(model, cfg) if cfg is not None else None
@@ -350,13 +355,13 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+                            lr=args.lr, betas=(0.9, beta2), fused=device.type == "cuda")
     lr_cfg = cfg
-    if cfg is None and overrides:  # a dense arm with its own learning-rate schedule (default phases for "wsd")
-        bad = sorted(set(overrides) - {"lr_schedule", "lr_floor", "lr_decay_start"})
+    if cfg is None and mst_overrides:  # a dense arm with its own learning-rate schedule (default phases for "wsd")
+        bad = sorted(set(mst_overrides) - {"lr_schedule", "lr_floor", "lr_decay_start"})
         if bad:
             raise ValueError(f"arm {label!r}: a dense arm only takes learning-rate overrides, got {bad}.")
-        lr_cfg = MSTConfig(hsa_pattern="dense", **overrides)
+        lr_cfg = MSTConfig(hsa_pattern="dense", **mst_overrides)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args, lr_cfg))
     total_sched = args.steps - delay
     eval_steps = set(np.linspace(0, args.steps, args.evals + 1).round().astype(int).tolist()[1:])
