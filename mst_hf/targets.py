@@ -165,12 +165,16 @@ def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
 
 
 def layer_sparsities(model: nn.Module, mst_config, sparsity: float) -> dict[str, float]:
-    """``{parameter_name: sparsity}`` the configured allocation gives each target at global ``sparsity``.
+    """``{parameter_name: sparsity}`` the configured allocation gives each target at global ``sparsity``, with the
+    LM head capped at ``lm_head_max_sparsity`` when that is set (what the controller allocates).
 
     Only shapes are read, so a model built on the ``meta`` device works (no memory for weights).
     """
+    from .recipe import lm_head_caps
     from .topology import allocate
 
     targets = find_targets(model, mst_config)
-    densities = allocate([(t.n_in, t.n_out) for t in targets.values()], sparsity, mst_config.sparsity_distribution)
+    caps = lm_head_caps([t.is_lm_head for t in targets.values()], mst_config)
+    densities = allocate([(t.n_in, t.n_out) for t in targets.values()], sparsity, mst_config.sparsity_distribution,
+                         caps)
     return {name: 1.0 - d for name, d in zip(targets, densities)}

@@ -49,6 +49,17 @@ def test_allocation_meets_global_sparsity(sparsity):
     assert sum(d * n for d, n in zip(dens, numels)) == pytest.approx((1 - sparsity) * sum(numels))
 
 
+def test_layer_sparsities_apply_the_lm_head_cap_like_the_controller(gpt2_124m_meta):
+    """The public allocation caps the tied head at `lm_head_max_sparsity` and moves the rest onto the blocks, so
+    it reports what MSTController will allocate (it used to ignore the cap)."""
+    s = layer_sparsities(gpt2_124m_meta, MSTConfig(lm_head_max_sparsity=0.8), 0.9)
+    assert s["transformer.wte.weight"] == pytest.approx(0.8, abs=1e-9)  # uncapped ER puts 0.918 there
+    numels = {name: p.numel() for name, p in gpt2_124m_meta.named_parameters()}
+    total = sum(numels[n] for n in s)
+    assert sum(s[n] * numels[n] for n in s) / total == pytest.approx(0.9, abs=1e-6)  # global target kept
+    assert s["transformer.h.0.mlp.c_fc.weight"] > 0.9  # the blocks carry what the head gave back
+
+
 def test_uniform_allocation(gpt2_124m_meta):
     s = layer_sparsities(gpt2_124m_meta, MSTConfig(sparsity_distribution="uniform"), 0.75)
     assert set(round(v, 12) for v in s.values()) == {0.75}
