@@ -50,6 +50,13 @@ class MSTTrainer(Trainer):
             raise NotImplementedError(PEFT_REFUSAL)
         super().__init__(model, args, *trainer_args, **kwargs)
         self._refuse_unsupported_parallelism()
+        if self.args.fp16 and mst_config.regrow_optimizer_state == "warm":
+            # the topology update runs before GradScaler unscales: warm moments would hold loss-scaled gradients
+            raise ValueError(
+                "regrow_optimizer_state='warm' builds Adam moments from the gradients of the update step, which are "
+                "still multiplied by fp16's loss scale when MSTTrainer sees them; got fp16=True. Train with bf16=True "
+                "(no loss scaling) or set `regrow_optimizer_state='zero'`."
+            )
         self.mst_config = mst_config
         self.mst = MSTController(self.model, mst_config)
         self._mst_runs = 0

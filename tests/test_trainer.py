@@ -121,6 +121,21 @@ def test_unsupported_setups_are_refused(flag, tmp_path, monkeypatch):
         MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(), train_dataset=toy_dataset())
 
 
+def test_warm_regrowth_under_fp16_loss_scaling_is_refused(tmp_path, monkeypatch):
+    """Warm Adam moments would be built from loss-scaled fp16 gradients: refused, naming the field and the fix."""
+    original = transformers.Trainer.__init__
+
+    def patched(self, *args, **kwargs):  # fp16 cannot be set on a CPU-only machine: flip it after Trainer's checks
+        original(self, *args, **kwargs)
+        self.args.fp16 = True
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", patched)
+    with pytest.raises(ValueError, match="regrow_optimizer_state='warm'.*bf16=True"):
+        MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(regrow_optimizer_state="warm"),
+                   train_dataset=toy_dataset())
+    MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(), train_dataset=toy_dataset())  # zeroed moments: fine
+
+
 def test_model_without_targets_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no weight matrix"):
         MSTTrainer(tiny_gpt2(), _args(tmp_path), mst_config=_cfg(target_modules=["nope"], sparsify_lm_head=False),
