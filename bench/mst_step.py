@@ -6,6 +6,11 @@ in one process, the two runs alternating.
     PYTHONPATH=. python bench/mst_step.py --model gpt2-124m --out $OUT/mst_step_124m.md
     PYTHONPATH=. python bench/mst_step.py --model llama-1b --mode run --steps 300 --out $OUT/mst_run.md
 
+``--profile N`` also records the last N steps (after the timed ones) with ``torch.profiler`` in each run and writes, next to the
+table, where the GPU time of a step goes (by kernel category and by operator), for dense and MST side by side:
+
+    PYTHONPATH=. python bench/mst_step.py --model llama-1b --steps 16 --skip 8 --profile 4 --out $OUT/mst_step.md
+
 ``--mode ultra`` (default): 90% block sparsity from step 0 (the ultra phase), one topology update at step 0,
 ``weight_kernels="block"`` against dense `Trainer`. ``--mode run``: the default three-phase schedule with block
 masks and ``weight_kernels="auto"`` (the break-even table of ``bench/blocksparse_linear.py``), wall time of the
@@ -47,14 +52,92 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class Timer(TrainerCallback):
-    """Synchronised wall time of steps ``skip..max_steps`` and the peak memory."""
+# kernel-name patterns -> category, first match wins (CUDA kernel names of torch 2.11 / cuBLAS / Triton)
+CATEGORIES = [
+    ("block-sparse kernels (Triton)", ("bsr_matmul", "sampled_dw", "reduce_dw")),
+    ("dense matmuls (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "efficient_attention")),
+    ("optimizer (AdamW)", ("adam", "multi_tensor_apply")),
+    ("loss (log-softmax / NLL)", ("softmax", "nll_loss", "cross_entropy")),
+    ("reductions", ("reduce_kernel", "reduce_")),
+]
 
-    def __init__(self, skip: int):
-        self.skip, self.t0, self.t1 = skip, None, None
+
+def category(kernel: str) -> str:
+    name = kernel.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "elementwise and other"
+
+
+class Profile(TrainerCallback):
+    """``torch.profiler`` over steps ``start .. start + n``: GPU time per kernel category and per operator, per step."""
+
+    def __init__(self, skip: int, n: int):
+        self.skip, self.n, self.prof, self.summary = skip, n, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in (self.skip, state.max_steps):
+        if state.global_step == self.skip:
+            _sync()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif self.prof is not None and state.global_step == self.skip + self.n:
+            _sync()
+            self.prof.__exit__(None, None, None)
+            self.summary = summarize(self.prof, self.n)
+            self.prof = None
+
+
+def summarize(prof, steps: int) -> dict:
+    """Milliseconds of GPU time per step: by kernel category, and the top operators by self GPU time."""
+    cats: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = evt.device_time_total / 1e3 / steps
+        cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + ms
+        kernels[evt.name[:90]] = kernels.get(evt.name[:90], 0.0) + ms
+    ops = {}
+    for avg in prof.key_averages():
+        t = getattr(avg, "self_device_time_total", 0.0)
+        if t > 0:
+            ops[avg.key] = t / 1e3 / steps
+    top = lambda d, n: dict(sorted(d.items(), key=lambda kv: -kv[1])[:n])  # noqa: E731
+    return {"steps": steps, "gpu_ms": sum(cats.values()), "categories": top(cats, 20), "ops": top(ops, 25),
+            "kernels": top(kernels, 25)}
+
+
+def profile_markdown(rows: list[dict]) -> list[str]:
+    d = next(r for r in rows if r["kind"] == "dense" and "profile" in r)["profile"]
+    m = next(r for r in rows if r["kind"] == "mst" and "profile" in r)["profile"]
+    lines = ["", f"GPU time per step (ms, torch.profiler over {d['steps']} steps; kernels only, the host is not "
+                 "counted):", "", "| category | dense | MST | MST - dense |", "|---|---|---|---|"]
+    for cat in sorted(set(d["categories"]) | set(m["categories"]), key=lambda c: -d["categories"].get(c, 0.0)):
+        a, b = d["categories"].get(cat, 0.0), m["categories"].get(cat, 0.0)
+        lines.append(f"| {cat} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    lines.append(f"| **all kernels** | {d['gpu_ms']:.2f} | {m['gpu_ms']:.2f} | {m['gpu_ms'] - d['gpu_ms']:+.2f} |")
+    for kind, prof in (("dense", d), ("MST", m)):
+        lines += ["", f"Top operators by self GPU time, {kind} (ms per step):", "", "| operator | ms |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.2f} |" for k, v in prof["ops"].items()]
+    return lines
+
+
+class Timer(TrainerCallback):
+    """Synchronised wall time of steps ``skip..end``."""
+
+    def __init__(self, skip: int, end: int):
+        self.skip, self.end, self.t0, self.t1 = skip, end, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.skip == 0:  # --mode run: the whole run, Triton compilation and kernel choice included
+            _sync()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.skip, self.end):
             _sync()
             if state.global_step == self.skip:
                 self.t0 = time.perf_counter()
@@ -76,11 +159,17 @@ def run(kind: str, args) -> dict:
                               logging_steps=10**6, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
                               lr_scheduler_type="constant", dataloader_num_workers=2 if cuda else 0, use_cpu=not cuda)
     data = Tokens(args.steps * args.batch, args.seq_len, model.config.vocab_size)
-    timer = Timer(args.skip)
+    end = args.steps - args.profile  # the profiled steps come after the timed ones
+    timer = Timer(args.skip, end)
+    callbacks = [timer]
+    prof = None
+    if args.profile:
+        prof = Profile(end, args.profile)
+        callbacks.append(prof)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if kind == "dense":
-        trainer = Trainer(model, targs, train_dataset=data, callbacks=[timer])
+        trainer = Trainer(model, targs, train_dataset=data, callbacks=callbacks)
     else:
         if args.mode == "ultra":
             cfg = MSTConfig(initial_sparsity=args.sparsity, ultra_sparsity=args.sparsity, final_sparsity=args.sparsity,
@@ -89,14 +178,16 @@ def run(kind: str, args) -> dict:
         else:
             cfg = MSTConfig(sparsity_structure="block", block_size=args.block, weight_kernels="auto",
                             hsa_pattern="dense", update_interval=max(args.steps // 10, 1))
-        trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=[timer])
+        trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=callbacks)
     t_start = time.perf_counter()
     out = trainer.train()
     _sync()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    result = {"kind": kind, "timed_s": timer.t1 - timer.t0, "timed_steps": args.steps - args.skip,
+    result = {"kind": kind, "timed_s": timer.t1 - timer.t0, "timed_steps": end - args.skip,
               "wall_s": time.perf_counter() - t_start, "peak_gib": peak,
               "loss": out.training_loss}
+    if prof is not None and prof.summary is not None:
+        result["profile"] = prof.summary
     if kind == "mst":
         result["flop_reduction"] = trainer.mst.flops.metrics().get("mst/flop_reduction")
         wk = trainer.mst.weight_kernels
@@ -122,17 +213,21 @@ def main():
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after --skip (0: off)")
     p.add_argument("--out", default="mst_step.md")
     args = p.parse_args()
     if args.mode == "run":
         args.skip = 0  # the whole run counts
+    if args.profile < 0 or args.skip + args.profile >= args.steps:
+        raise ValueError(f"--profile {args.profile}: needs 0 <= --profile and --skip + --profile < --steps "
+                         f"({args.skip} + {args.profile} >= {args.steps}); raise --steps.")
     rows = []
     for r in range(args.repeats):
         for kind in ("dense", "mst") if r % 2 == 0 else ("mst", "dense"):
             res = run(kind, args)
             res["repeat"] = r
             rows.append(res)
-            print(json.dumps({k: v for k, v in res.items() if k != "kernel_choice"}), flush=True)
+            print(json.dumps({k: v for k, v in res.items() if k not in ("kernel_choice", "profile")}), flush=True)
     flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
     lines = [f"Command: `PYTHONPATH=. python bench/mst_step.py {flags}`",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_device()}, torch "
@@ -150,6 +245,8 @@ def main():
     lines.append("")
     n_block = sum(v == "block" for v in choice.values())
     lines.append(f"Layers on the block kernel at the end: {n_block} of {len(choice)}.")
+    if args.profile:
+        lines += profile_markdown(rows)
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as f:
