@@ -71,3 +71,12 @@ def lm_head_caps(is_lm_head: list[bool], cfg) -> list[float | None] | None:
     if cap is None:
         return None
     return [cap if head else None for head in is_lm_head]
+
+
+def phase_lr_scheduler(optimizer, total_steps: int, cfg, warmup_steps: int = 0):
+    """A ``torch.optim.lr_scheduler.LambdaLR`` of :func:`mst_hf.schedule.lr_multiplier` (``cfg.lr_schedule``,
+    aligned with the phases of ``cfg``) over ``total_steps`` optimizer steps, after ``warmup_steps`` of linear
+    warm-up. Used by ``MSTTrainer`` and by the example's dense baseline, so both follow the same learning rate."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, lambda step: schedule.lr_multiplier(step, total_steps, cfg, warmup_steps))

@@ -94,14 +94,46 @@ class MaskDigestCallback(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------ dense baseline
-def train_dense_baseline(model_init, args, dense_total_flops=None, **trainer_kwargs) -> dict:
+class _PhaseScheduledTrainer(Trainer):
+    """A plain `Trainer` whose learning rate follows an MST config's ``lr_schedule`` (dense weights, dense
+    attention): the dense baseline of a run whose MST config replaces the Trainer's scheduler."""
+
+    def __init__(self, *args, lr_config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lr_config = lr_config
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            from .recipe import phase_lr_scheduler
+
+            self.lr_scheduler = phase_lr_scheduler(self.optimizer if optimizer is None else optimizer,
+                                                   num_training_steps, self._lr_config,
+                                                   self.args.get_warmup_steps(num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def lr_schedule_name(mst_config, args) -> str:
+    """The learning-rate schedule a run followed: the MST config's ``lr_schedule`` when set, else the Trainer's."""
+    name = getattr(mst_config, "lr_schedule", None) if mst_config is not None else None
+    if name is not None:
+        return f"{name} (MSTConfig.lr_schedule)"
+    return str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+
+
+def train_dense_baseline(model_init, args, dense_total_flops=None, lr_config=None, **trainer_kwargs) -> dict:
     """Train and evaluate the dense baseline with a plain `transformers.Trainer` into ``args.output_dir/dense``:
     the model from ``model_init()``, called after ``set_seed(args.seed)`` (so it starts from the MST run's initial
     weights when that run seeded the same way), the same data and steps (``trainer_kwargs``). Returns its summary
-    entry; ``dense_total_flops`` is its counted FLOPs (the MST run's dense count: the same count at full density)."""
+    entry; ``dense_total_flops`` is its counted FLOPs (the MST run's dense count: the same count at full density).
+    ``lr_config``: the MST run's config; when its ``lr_schedule`` is set, the baseline follows the same learning
+    rate (otherwise it would be compared under a different schedule, which alone moves the loss)."""
     set_seed(args.seed)
     dense_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, "dense"))
-    trainer = Trainer(model=model_init(), args=dense_args, **trainer_kwargs)
+    if lr_config is not None and getattr(lr_config, "lr_schedule", None) is not None:
+        trainer = _PhaseScheduledTrainer(model=model_init(), args=dense_args, lr_config=lr_config, **trainer_kwargs)
+    else:
+        trainer = Trainer(model=model_init(), args=dense_args, **trainer_kwargs)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -115,6 +147,7 @@ def train_dense_baseline(model_init, args, dense_total_flops=None, **trainer_kwa
         "counted_flop_reduction": 1.0,
         "final_sparsity": 0.0,
         "train_seconds": seconds,
+        "lr_schedule": lr_schedule_name(lr_config, dense_args),
     }
 
 
@@ -129,6 +162,7 @@ def mst_summary(trainer, block_size: int, eval_metrics: dict | None = None, trai
         "layer_sparsities": controller.masks.layer_sparsities(),
         "topology_updates": len(controller.history),
         "train_seconds": train_seconds,
+        "lr_schedule": lr_schedule_name(controller.config, trainer.args),
     }
     if eval_metrics:
         entry.update(perplexity=perplexity(eval_metrics["eval_loss"]), eval_loss=eval_metrics["eval_loss"],
@@ -175,6 +209,7 @@ def summary_markdown(summary: dict) -> str:
         ("FLOP reduction vs dense (planned)", "planned_flop_reduction", "{:.3f}x"),
         ("final weight sparsity", "final_sparsity", "{:.4f}"),
         ("topology updates", "topology_updates", "{}"),
+        ("learning-rate schedule", "lr_schedule", "{}"),
         ("training time (s)", "train_seconds", "{:.1f}"),
     ]
     untrained = summary.get("untrained_perplexity")

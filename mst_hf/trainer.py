@@ -23,9 +23,9 @@ from transformers.utils import logging
 from . import sharding
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
-from .targets import PEFT_REFUSAL, has_peft_layers
 from .io import hub
 from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+from .targets import PEFT_REFUSAL, has_peft_layers
 
 logger = logging.get_logger(__name__)
 
@@ -131,16 +131,14 @@ class MSTTrainer(Trainer):
         ``TrainingArguments.warmup_steps`` (a count, or a fraction of the run below 1)."""
         if self.mst_config.lr_schedule is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        from torch.optim.lr_scheduler import LambdaLR
-
-        from .schedule import lr_multiplier
+        from .recipe import phase_lr_scheduler
 
         if self.args.lr_scheduler_type != "linear":
             logger.warning("mst_config.lr_schedule=%r replaces lr_scheduler_type=%r; set lr_schedule=None to use the "
                            "Trainer's scheduler.", self.mst_config.lr_schedule, str(self.args.lr_scheduler_type))
-        warmup, cfg = self.args.get_warmup_steps(num_training_steps), self.mst_config
-        self.lr_scheduler = LambdaLR(self.optimizer if optimizer is None else optimizer,
-                                     lambda step: lr_multiplier(step, num_training_steps, cfg, warmup))
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        self.lr_scheduler = phase_lr_scheduler(self.optimizer if optimizer is None else optimizer,
+                                               num_training_steps, self.mst_config, warmup)
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
