@@ -425,7 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(model_args, data_args.block_size)
     block_size = resolve_block_size(data_args, tokenizer, config)
     train_dataset, eval_dataset = tokenize_and_group(raw_datasets, tokenizer, data_args, block_size, training_args)
-    mst_config = to_mst_config(mst_args, training_args.max_steps, block_size)  # MST
+    with torch.device("meta"):  # MST: the model's shapes, for the default preset's LM-head cap (no weights built)
+        shapes_model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    mst_config = to_mst_config(mst_args, training_args.max_steps, block_size, model=shapes_model)  # MST
     if not training_args.do_train:  # MST: evaluation only: never prune the given model's weights
         mst_config.initial_sparsity = 0.0
     logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")  # MST
@@ -496,8 +498,9 @@ def main(argv: list[str] | None = None) -> dict:
         if mst_args.compare_dense:
             summary["dense"] = reporting.train_dense_baseline(
                 lambda: build_model(model_args, dense_config, tokenizer), training_args,
-                dense_total_flops=summary["mst"]["dense_total_flops"], train_dataset=train_dataset,
-                eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=default_data_collator,
+                dense_total_flops=summary["mst"]["dense_total_flops"], lr_config=mst_config,  # same LR schedule
+                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                data_collator=default_data_collator,
                 compute_metrics=make_compute_metrics(training_args) if training_args.do_eval else None,
                 preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             )

@@ -4,7 +4,7 @@
 with one ``--mst_<field>`` flag per `MSTConfig` field (its help text is the field's ``metadata["help"]``, followed
 by the config's default) and ``--mst_preset``. Nothing here lists the fields by hand: a field added to
 `MSTConfig` gets its flag. Every flag defaults to unset (``None``), so that :func:`to_mst_config` can apply, in
-order, the preset, the flags actually given, and defaults scaled to the run (:func:`run_scaled_defaults`).
+order, the preset, the values scaled to the run (:func:`run_scaled_defaults`) and the flags actually given.
 
 On the command line a value that is not a single number, bool or word is written as text: lists comma-separated
 (``--mst_target_modules c_attn,c_fc``, ``--mst_hsa_layers 0,2``), a per-phase grow method as
@@ -17,8 +17,13 @@ import json
 import typing
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .config import PRESETS, MSTConfig
+from .presets import DEFAULT_PRESET
+from .targets import layer_sparsities
+
+logger = logging.get_logger(__name__)
 
 PREFIX = "mst_"
 PRESET_FLAG = "mst_preset"
@@ -125,7 +130,8 @@ def mst_arguments_dataclass(extra_fields=(), name: str = "MSTArguments") -> type
         str | None,
         dataclasses.field(
             default=None,
-            metadata={"help": f"Start from a named MSTConfig preset ({', '.join(sorted(PRESETS))}); the mst_* "
+            metadata={"help": f"Start from a named MSTConfig preset ({', '.join(sorted(PRESETS))}; default "
+                              f"{DEFAULT_PRESET}, the study's best recipe; mst-paper is the paper's); the mst_* "
                               "flags given override its values.%(default).0s"},
         ),
     )]
@@ -171,20 +177,46 @@ def given_values(args) -> dict:
     return values
 
 
-def to_mst_config(args, max_steps: int | None = None, block_size: int | None = None) -> MSTConfig:
-    """The `MSTConfig` of parsed ``args`` (an instance of a :func:`mst_arguments_dataclass` class): the preset,
-    then the flags given, then :func:`run_scaled_defaults` for the fields still unset (when ``max_steps`` /
-    ``block_size`` are given), then `MSTConfig`'s defaults. A bad value raises the config's error, prefixed with the
-    flag."""
-    preset = getattr(args, PRESET_FLAG, None)
-    if preset is not None and preset not in PRESETS:
+def to_mst_config(args, max_steps: int | None = None, block_size: int | None = None, model=None) -> MSTConfig:
+    """The `MSTConfig` of parsed ``args`` (an instance of a :func:`mst_arguments_dataclass` class): the preset
+    (``DEFAULT_PRESET`` when none is named), then :func:`run_scaled_defaults` (when ``max_steps`` / ``block_size``
+    are given; they replace a preset's update interval and HSA sizes, which are written for long runs at 1024
+    tokens), then the flags given, then `MSTConfig`'s defaults. A bad value raises the
+    config's error, prefixed with the flag.
+
+    ``model`` (its shapes only: a model on the ``meta`` device will do): when no preset was named and the default
+    preset's cap on the LM head's sparsity cannot be met on this model (a small model whose head holds most of the
+    weights), the cap is dropped with a warning instead of failing the run. A cap given by flag or by a named preset
+    is never dropped: it fails with the allocation's error."""
+    named = getattr(args, PRESET_FLAG, None)
+    preset = named or DEFAULT_PRESET
+    if preset not in PRESETS:
         raise ValueError(f"`--{PRESET_FLAG}` must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = copy.deepcopy(PRESETS[preset]) if preset is not None else {}
-    fields.update(given_values(args))
+    fields = copy.deepcopy(PRESETS[preset])
+    given = given_values(args)
+    fields.update(given)
     for name, value in run_scaled_defaults(max_steps, block_size).items():
-        fields.setdefault(name, value)
+        if name not in given:  # presets are written for long runs at 1024 tokens: scaled to this run too
+            fields[name] = value
     try:
-        return MSTConfig(**fields)
+        config = MSTConfig(**fields)
     except (ValueError, TypeError) as err:
         flag = next((f"--{PREFIX}{k}" for k in fields if f"`{k}" in str(err)), f"--{PREFIX}*")
         raise type(err)(f"{flag}: {err}") from err
+    if model is not None and named is None and "lm_head_max_sparsity" not in given:
+        _drop_infeasible_head_cap(config, model)
+    return config
+
+
+def _drop_infeasible_head_cap(config: MSTConfig, model) -> None:
+    if config.lm_head_max_sparsity is None:
+        return
+    peak = max(config.initial_sparsity, config.ultra_sparsity, config.final_sparsity)
+    try:
+        layer_sparsities(model, config, peak)
+    except ValueError as err:
+        logger.warning("The default preset %r caps the LM head's sparsity at %s, which this model cannot meet at "
+                       "sparsity %s (%s); training without the cap. Name a preset (`--%s`) or set `--%slm_head_max_"
+                       "sparsity` to decide yourself.", DEFAULT_PRESET, config.lm_head_max_sparsity, peak, err,
+                       PRESET_FLAG, PREFIX)
+        config.lm_head_max_sparsity = None

@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 
 from . import recipe, schedule
 from .attention.patterns import HSASpec
-from .presets import DEFAULT_GROW_METHOD, PRESETS
+from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
@@ -245,7 +245,8 @@ class MSTConfig(PretrainedConfig):
         if self.weight_kernels != "dense" and self.sparsity_structure != "block":
             raise ValueError(
                 f"`weight_kernels={self.weight_kernels!r}` runs block-sparse kernels, which need block-structured "
-                f"masks: set `sparsity_structure='block'` (got {self.sparsity_structure!r}) or `weight_kernels='dense'`."
+                f"masks: set `sparsity_structure='block'` (got {self.sparsity_structure!r}) or "
+                "`weight_kernels='dense'`."
             )
         if self.weight_kernels != "dense" and self.block_size not in (16, 32, 64, 128):
             raise ValueError(
@@ -305,8 +306,9 @@ class MSTConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MSTConfig":
-        """A named recipe (see ``PRESETS``), with any field overridden by keyword."""
+    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "MSTConfig":
+        """A named recipe (see ``PRESETS``; by default ``DEFAULT_PRESET``, the study's best), with any field
+        overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
         fields = copy.deepcopy(PRESETS[name])

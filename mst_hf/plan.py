@@ -33,6 +33,7 @@ import numpy as np
 
 from . import conventions, predict, recipe, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
+from .presets import DEFAULT_PRESET
 from .topology import active_count, allocate
 
 # Named GPT-2 sizes for the CLI (nanoGPT's padded vocabulary, tied head, context 1024).
@@ -327,7 +328,7 @@ def load_mst_config(path: str):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mst_hf.plan", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", default=None, help="an MSTConfig preset (default: gpt2-4x)")
+    source.add_argument("--preset", default=None, help=f"an MSTConfig preset (default: {DEFAULT_PRESET})")
     source.add_argument("--config", default=None, help="an mst_config.json file, or a folder holding one")
     p.add_argument("--model", default="gpt2-124m",
                    help=f"a named size ({', '.join(MODEL_SIZES)}) or a config.json file/folder (built on meta)")
@@ -344,10 +345,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .config import MSTConfig
 
-    mst_config = load_mst_config(args.config) if args.config else MSTConfig.from_preset(args.preset or "gpt2-4x")
+    mst_config = load_mst_config(args.config) if args.config else MSTConfig.from_preset(args.preset or DEFAULT_PRESET)
     model = build_meta_model(args.model)
     plan = plan_run(model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
-    label = args.config or f"preset {args.preset or 'gpt2-4x'}"
+    label = args.config or f"preset {args.preset or DEFAULT_PRESET}"
     summary = {"model": args.model, "mst_config": label, **plan.summary()}
     summary["conventions"] = convention_reductions(plan.flop_model, mst_config, args.steps,
                                                                args.tokens_per_step, plan.seq_len, plan.flop_reduction)

@@ -10,6 +10,11 @@ from . import schedule
 
 DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
 
+# The preset a user gets without naming one: `MSTConfig.from_preset()`, the example script's `--mst_preset` and
+# `python -m mst_hf.plan`. It is the best recipe the study in docs/results.md found. A bare `MSTConfig()` keeps the
+# paper's field defaults (the same recipe as "mst-paper"), so that configs written field by field keep their meaning.
+DEFAULT_PRESET = "mst-recommended"
+
 # Named presets. Each is documented in docs/concepts.md; `from_preset` returns a fresh config.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's GPT-2 recipe: short warm-up, long 90% ultra-sparse phase with hybrid sparse attention,

@@ -90,6 +90,15 @@ def test_preset_and_override():
         MSTConfig.from_preset("gpt3")
 
 
+def test_from_preset_without_a_name_is_the_default_preset():
+    from mst_hf.presets import DEFAULT_PRESET, PRESETS
+
+    assert DEFAULT_PRESET == "mst-recommended"
+    cfg = MSTConfig.from_preset(seed=3)
+    assert cfg.seed == 3
+    assert cfg.mst_dict() == MSTConfig(**PRESETS["mst-recommended"], seed=3).mst_dict()
+
+
 @pytest.mark.parametrize("typo,meant", [("ultra_sparstiy", "ultra_sparsity"), ("hsa_windw", "hsa_window")])
 def test_misspelt_keyword_is_refused_with_the_field_meant(typo, meant):
     with pytest.raises(TypeError, match=rf"`{typo}`.*did you mean `{meant}`"):

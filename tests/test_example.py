@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 import mst_hf  # noqa: E402
+from mst_hf import MSTConfig  # noqa: E402
 from mst_hf.arguments import config_fields, to_mst_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +215,47 @@ def test_bad_mst_argument_names_the_flag(example):
 def test_mst_config_scales_to_short_runs(example):
     config = to_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
     assert (config.update_interval, config.hsa_window, config.hsa_stride, config.hsa_block) == (10, 16, 16, 16)
+
+
+def test_no_preset_named_means_the_default_preset(example):
+    """Without --mst_preset the example trains the study's best recipe (WSD learning rate, capped LM head, gradient
+    growth), not the bare MSTConfig defaults (the paper's); --mst_preset mst-paper gives those."""
+    default = to_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
+    assert (default.lr_schedule, default.lm_head_max_sparsity, default.grow_method) == ("wsd", 0.8, "gradient")
+    paper = to_mst_config(example.MSTArguments(mst_preset="mst-paper"), max_steps=250, block_size=128)
+    assert (paper.lr_schedule, paper.lm_head_max_sparsity) == (None, None)
+    assert paper.grow_method == MSTConfig().grow_method
+
+
+def test_default_preset_drops_a_head_cap_the_model_cannot_meet(example, caplog):
+    """A GPT-2 whose 50k-token head holds most of the weights cannot keep the head at <= 80% sparsity at 90% overall:
+    with no preset named the cap is dropped with a warning; a cap the user asked for is kept (and fails later)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    with torch.device("meta"):
+        small = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=2))
+        big = AutoModelForCausalLM.from_config(GPT2Config(n_layer=12, n_embd=768, n_head=12))
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        dropped = to_mst_config(example.MSTArguments(), max_steps=100, block_size=128, model=small)
+    assert dropped.lm_head_max_sparsity is None and "training without the cap" in caplog.text
+    kept = to_mst_config(example.MSTArguments(), max_steps=100, block_size=128, model=big)
+    assert kept.lm_head_max_sparsity == 0.8  # GPT-2 124M: the head is 31% of the weights, the cap fits
+    named = to_mst_config(example.MSTArguments(mst_preset="mst-recommended"), max_steps=100, block_size=128,
+                          model=small)
+    assert named.lm_head_max_sparsity == 0.8
+
+
+def test_run_scaling_applies_to_a_preset_and_flags_win(example):
+    """A preset's update interval and HSA sizes are written for long runs at 1024 tokens: a short run scales them
+    (mst-paper on 200 steps of 128 tokens would otherwise update twice and run a pattern that is dense there)."""
+    scaled = to_mst_config(example.MSTArguments(mst_preset="mst-paper"), max_steps=200, block_size=128)
+    assert (scaled.update_interval, scaled.hsa_window, scaled.hsa_stride) == (8, 16, 16)
+    flagged = to_mst_config(example.MSTArguments(mst_preset="mst-paper", mst_update_interval=50, mst_hsa_window=32),
+                            max_steps=200, block_size=128)
+    assert (flagged.update_interval, flagged.hsa_window, flagged.hsa_stride) == (50, 32, 16)
 
 
 def test_explicit_mst_arguments_override_the_preset(example):
