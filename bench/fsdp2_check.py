@@ -147,9 +147,10 @@ def check_resume(out: str) -> dict:
     data = Tokens(128, 128, 2048)
     at_save = {}
 
-    class AtSave(TrainerCallback):  # the masks in memory when checkpoint-6 is written
+    class AtSave(TrainerCallback):  # the masks in memory when checkpoint-6 is written (not checkpoint-12's)
         def on_save(self, args, state, control, **kwargs):
-            at_save.update({n: trainer.mst.masks.full_mask(n).cpu() for n in trainer.mst.masks.masks})
+            if state.global_step == 6:
+                at_save.update({n: trainer.mst.masks.full_mask(n).cpu() for n in trainer.mst.masks.masks})
 
     def run(directory):
         args = trainer_args(directory, 12, "SHARDED_STATE_DICT", save_strategy="steps", save_steps=6)
