@@ -115,7 +115,7 @@ class _PhaseScheduledTrainer(Trainer):
 
 def lr_schedule_name(mst_config, args) -> str:
     """The learning-rate schedule a run followed: the MST config's ``lr_schedule`` when set, else the Trainer's."""
-    name = getattr(mst_config, "lr_schedule", None) if mst_config is not None else None
+    name = getattr(mst_config, "lr_schedule", None)
     if name is not None:
         return f"{name} (MSTConfig.lr_schedule)"
     return str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
@@ -130,7 +130,7 @@ def train_dense_baseline(model_init, args, dense_total_flops=None, lr_config=Non
     rate (otherwise it would be compared under a different schedule, which alone moves the loss)."""
     set_seed(args.seed)
     dense_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, "dense"))
-    if lr_config is not None and getattr(lr_config, "lr_schedule", None) is not None:
+    if getattr(lr_config, "lr_schedule", None) is not None:
         trainer = _PhaseScheduledTrainer(model=model_init(), args=dense_args, lr_config=lr_config, **trainer_kwargs)
     else:
         trainer = Trainer(model=model_init(), args=dense_args, **trainer_kwargs)
