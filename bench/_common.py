@@ -148,12 +148,14 @@ def _fmt(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def study_report(folder: str, out: str | None = None) -> str:
+def study_report(folder: str, out: str | None = None, reference: str = "dense", compare: str = "mst") -> str:
     """``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs) from the per-run JSONs.
 
     ``folder`` may list several folders (comma-separated) of runs of the same rung: a run (label, seed) found again
     in a later folder is a rerun, reported in a note instead of a second row. Output goes to ``out`` (default: the
-    first folder)."""
+    first folder). ``reference`` is the dense arm that the gaps and "FLOPs to reach its final loss" are measured
+    against (e.g. ``dense_wsd`` when the best sparse arms use that schedule); ``compare`` the arm of the
+    "val - ..." column."""
     folders = [f for f in folder.split(",") if f]
     rows, seen, reruns = [], set(), []
     for f in folders:
@@ -171,7 +173,11 @@ def study_report(folder: str, out: str | None = None) -> str:
             with open(os.path.join(f, "args.json")) as fh:
                 commands.append(json.load(fh).get("command", "python bench/study.py ..."))
     args = {"command": "`; `".join(commands)} if commands else {}
-    dense = [r for r in rows if r["label"] == "dense"]
+    labels = {r["label"] for r in rows}
+    for name, label in (("reference", reference), ("compare", compare)):
+        if label not in labels and not (name == "compare" and label == "mst"):
+            raise ValueError(f"{name}={label!r}: no such arm in {folder!r}; arms: {sorted(labels)}.")
+    dense = [r for r in rows if r["label"] == reference]
     dense_final = {r["seed"]: r["final"]["val"] for r in dense}
     dense_curve_final = float(np.mean([r["curve"][-1]["val"] for r in dense])) if dense else None
     dense_flops = float(np.mean([r["counted_flops"] for r in dense])) if dense else None
@@ -185,13 +191,13 @@ def study_report(folder: str, out: str | None = None) -> str:
         "",
         "| arm | seed | model (L x d) | non-emb. params | tokens / non-emb. param | val loss | held-out loss | "
         + "".join(f"{e} | " for e in extra)
-        + "gap to dense (same seed) | counted FLOPs | reduction (headline) | tiles | no attn credit | "
-          "head charged dense | strictest | FLOPs to dense's final val loss (x dense) | mean active matmul params | "
-          "final sparsity | train wall (s) |",
+        + f"gap to {reference} (same seed) | counted FLOPs | reduction (headline) | tiles | no attn credit | "
+          f"head charged dense | strictest | FLOPs to {reference}'s final val loss (x {reference}) | "
+          "mean active matmul params | final sparsity | train wall (s) |",
         "|" + "---|" * (19 + len(extra)),
     ]
     target_note = ""
-    for r in sorted(rows, key=lambda r: (r["label"] != "dense", r["label"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["label"] != reference, r["label"], r["seed"])):
         m, fin = r["model"], r["final"]
         ref = dense_final.get(r["seed"])
         gap = None if ref is None else (fin["val"] - ref) / ref * 100
@@ -209,19 +215,20 @@ def study_report(folder: str, out: str | None = None) -> str:
               f"{r['wall_train_s']:.0f} |"
         )
     if dense_curve_final is not None:
-        target_note = (f"Dense's final validation loss on the curve subset (mean of {len(dense)} seed(s)): "
-                       f"{dense_curve_final:.4f}; 'FLOPs to dense's final val loss' interpolates each run's "
+        target_note = (f"{reference}'s final validation loss on the curve subset (mean of {len(dense)} seed(s)): "
+                       f"{dense_curve_final:.4f}; 'FLOPs to {reference}'s final val loss' interpolates each run's "
                        "evaluation curve (same subset) linearly between the two evaluations around the crossing.")
     for r in reruns:
         lines.append(f"Rerun of {r['label']} seed {r['seed']} (not in the tables): val {r['final']['val']:.4f}, "
                      f"held-out {r['final']['heldout']:.4f}.")
-    mst_mean = [r["final"]["val"] for r in rows if r["label"] == "mst"]
+    mst_mean = [r["final"]["val"] for r in rows if r["label"] == compare]
     mst_mean = float(np.mean(mst_mean)) if mst_mean else None
-    lines += ["", target_note, "", "Per arm, over seeds (spread = max - min; differences from `mst` use the means):",
-              "", "| arm | changes | seeds | val loss (each seed) | mean | spread | val - mst "
+    lines += ["", target_note, "",
+              f"Per arm, over seeds (spread = max - min; differences from `{compare}` use the means):",
+              "", f"| arm | changes | seeds | val loss (each seed) | mean | spread | val - {compare} "
               "| held-out loss (each seed) | mean | spread | reduction (headline) | strictest |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label in sorted({r["label"] for r in rows}, key=lambda x: (x != "dense", x != "mst", x)):
+    for label in sorted({r["label"] for r in rows}, key=lambda x: (x != reference, x != compare, x)):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["seed"])
         v = [r["final"]["val"] for r in rs]
         h = [r["final"]["heldout"] for r in rs]

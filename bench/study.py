@@ -548,6 +548,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_s", type=float, default=420.0, help="stop workers still running after this long")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
+    p.add_argument("--reference", default="dense", help="with --report: the dense arm gaps and 'FLOPs to reach' "
+                   "use (e.g. dense_wsd)")
+    p.add_argument("--compare", default="mst", help="with --report: the arm of the 'val - ARM' column")
     p.add_argument("--report", default=None, help="only rebuild study.md / study.png from the JSONs of these "
                    "folders (comma-separated; written to --out when given, else the first folder)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -594,7 +597,8 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.report:
-        study_report(args.report, args.out if "--out" in args.command.split() else None)
+        study_report(args.report, args.out if "--out" in args.command.split() else None, args.reference,
+                     args.compare)
         return 0
     if args.smoke:
         smoke_setup(args)

@@ -68,3 +68,20 @@ def test_static_keeps_its_density_and_outputs_exist(study_out):
     text = open(os.path.join(out, "study.md")).read()
     assert text.count("| dense | 0 |") == 2 and "| mst | 0 |" in text and "| static | 0 |" in text
     assert os.path.getsize(os.path.join(out, "study.png")) > 10_000
+
+
+def test_report_measures_gaps_against_the_named_reference_arm(study_out, tmp_path):
+    out, runs = study_out
+    sys.path.insert(0, BENCH)
+    try:
+        from _common import study_report
+
+        text = study_report(out, str(tmp_path), reference="static", compare="dense")
+        with pytest.raises(ValueError, match="reference='dense_wsd'"):
+            study_report(out, str(tmp_path), reference="dense_wsd")
+    finally:
+        sys.path.remove(BENCH)
+    assert "gap to static (same seed)" in text and "val - dense" in text
+    gap = (runs["mst"]["final"]["val"] - runs["static"]["final"]["val"]) / runs["static"]["final"]["val"] * 100
+    mst_row = next(line for line in text.splitlines() if line.startswith("| mst | 0 |"))
+    assert f"{gap:+.2f}%" in mst_row
