@@ -6,8 +6,9 @@ in one process, the two runs alternating.
     PYTHONPATH=. python bench/mst_step.py --model gpt2-124m --out $OUT/mst_step_124m.md
     PYTHONPATH=. python bench/mst_step.py --model llama-1b --mode run --steps 300 --out $OUT/mst_run.md
 
-``--profile N`` also records the last N steps (after the timed ones) with ``torch.profiler`` in each run and writes, next to the
-table, where the GPU time of a step goes (by kernel category and by operator), for dense and MST side by side:
+``--profile N`` also records the last N steps (after the timed ones) with ``torch.profiler`` in each run and
+writes, next to the table, where the GPU time of a step goes (by kernel category and by operator), for dense and
+MST side by side. ``--compile`` runs both with ``TrainingArguments(torch_compile=True)``:
 
     PYTHONPATH=. python bench/mst_step.py --model llama-1b --steps 16 --skip 8 --profile 4 --out $OUT/mst_step.md
 
@@ -72,7 +73,7 @@ def category(kernel: str) -> str:
 
 
 class Profile(TrainerCallback):
-    """``torch.profiler`` over steps ``start .. start + n``: GPU time per kernel category and per operator, per step."""
+    """``torch.profiler`` over steps ``start .. start + n``: GPU time per kernel category and operator, per step."""
 
     def __init__(self, skip: int, n: int):
         self.skip, self.n, self.prof, self.summary = skip, n, None, None
@@ -125,6 +126,18 @@ def profile_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+class KernelTrace(TrainerCallback):
+    """Target layers on the block kernel at each step of an MST run (``--mode run``: what automatic choice did)."""
+
+    def __init__(self):
+        self.trainer, self.per_step = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        wk = self.trainer.mst.weight_kernels if self.trainer is not None else None
+        if wk is not None:
+            self.per_step.append(wk.block_layers())
+
+
 class Timer(TrainerCallback):
     """Synchronised wall time of steps ``skip..end``."""
 
@@ -157,7 +170,8 @@ def run(kind: str, args) -> dict:
     targs = TrainingArguments(output_dir="/tmp/mst_step", max_steps=args.steps,
                               per_device_train_batch_size=args.batch, learning_rate=3e-4, bf16=cuda,
                               logging_steps=10**6, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-                              lr_scheduler_type="constant", dataloader_num_workers=2 if cuda else 0, use_cpu=not cuda)
+                              lr_scheduler_type="constant", dataloader_num_workers=2 if cuda else 0, use_cpu=not cuda,
+                              torch_compile=args.compile)
     data = Tokens(args.steps * args.batch, args.seq_len, model.config.vocab_size)
     end = args.steps - args.profile  # the profiled steps come after the timed ones
     timer = Timer(args.skip, end)
@@ -166,6 +180,7 @@ def run(kind: str, args) -> dict:
     if args.profile:
         prof = Profile(end, args.profile)
         callbacks.append(prof)
+    trace = KernelTrace()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if kind == "dense":
@@ -178,7 +193,8 @@ def run(kind: str, args) -> dict:
         else:
             cfg = MSTConfig(sparsity_structure="block", block_size=args.block, weight_kernels="auto",
                             hsa_pattern="dense", update_interval=max(args.steps // 10, 1))
-        trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=callbacks)
+        trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=[*callbacks, trace])
+        trace.trainer = trainer
     t_start = time.perf_counter()
     out = trainer.train()
     _sync()
@@ -192,6 +208,7 @@ def run(kind: str, args) -> dict:
         result["flop_reduction"] = trainer.mst.flops.metrics().get("mst/flop_reduction")
         wk = trainer.mst.weight_kernels
         result["kernel_choice"] = {} if wk is None else dict(wk.choice)
+        result["block_layers_per_step"] = trace.per_step
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -214,6 +231,7 @@ def main():
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after --skip (0: off)")
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True) for both runs")
     p.add_argument("--out", default="mst_step.md")
     args = p.parse_args()
     if args.mode == "run":
@@ -227,8 +245,10 @@ def main():
             res = run(kind, args)
             res["repeat"] = r
             rows.append(res)
-            print(json.dumps({k: v for k, v in res.items() if k not in ("kernel_choice", "profile")}), flush=True)
-    flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
+            print(json.dumps({k: v for k, v in res.items()
+                              if k not in ("kernel_choice", "profile", "block_layers_per_step")}), flush=True)
+    flags = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items()
+                     if k != "out" and v is not False)
     lines = [f"Command: `PYTHONPATH=. python bench/mst_step.py {flags}`",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_device()}, torch "
              f"{torch.__version__}", "",
@@ -245,6 +265,11 @@ def main():
     lines.append("")
     n_block = sum(v == "block" for v in choice.values())
     lines.append(f"Layers on the block kernel at the end: {n_block} of {len(choice)}.")
+    trace = m.get("block_layers_per_step") or []
+    if trace and choice:
+        on = [n for n in trace if n]
+        lines.append(f"Steps with at least one layer on the block kernel: {len(on)} of {len(trace)}; layers on it, "
+                     f"averaged over all steps: {sum(trace) / len(trace):.1f} of {len(choice)} (max {max(trace)}).")
     if args.profile:
         lines += profile_markdown(rows)
     text = "\n".join(lines)

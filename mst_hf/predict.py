@@ -206,9 +206,11 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
     ``gpus``: data-parallel GPUs sharing ``plan.tokens_per_step``; ``micro_batch_tokens``: tokens of one forward on
     one GPU, what the kernel choice sees (default: a GPU's share of the step, no accumulation); ``layout``:
     ``"conv1d"`` or ``"linear"`` (which measured rows to prefer); ``other_ms``: the non-matmul ms of one step on
-    one GPU, for a whole-step estimate. ``table_path``: a break-even JSON (default: the shipped table).
+    one GPU, for a whole-step estimate. ``table_path``: a break-even JSON (default: ``$MST_KERNEL_TABLE``, else
+    the shipped table).
     """
-    from .kernels.dispatch import DEFAULT_TABLE, choose_kernel, load_table, normalize_device_name
+    from .kernels.dispatch import choose_kernel, load_table, normalize_device_name
+    from .kernels.dispatch import table_path as default_table_path
 
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"`gpus` must be a positive int, got {gpus!r}.")
@@ -220,7 +222,7 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
     if table_path is not None and not os.path.isfile(table_path):
         raise ValueError(f"`table_path` (--kernel-table) {table_path!r} is not a file; pass a break-even JSON written "
                          "by bench/blocksparse_linear.py, or leave it out to read the shipped table.")
-    path = table_path or DEFAULT_TABLE
+    path = default_table_path(table_path)
     cfg = SimpleNamespace(**mst_config.mst_dict()) if hasattr(mst_config, "mst_dict") else mst_config
     tokens = plan.tokens_per_step / gpus
     micro = micro_batch_tokens or max(1, plan.tokens_per_step // gpus)

@@ -9,7 +9,9 @@ dense gradient, which the sampled ``dW`` does not compute) and wherever :func:`c
 
 :func:`choose_kernel` reads a break-even table measured by ``bench/blocksparse_linear.py``: per GPU, per weight
 shape and block size, the largest density at which the block kernel was faster than dense cuBLAS for fwd+bwd.
-With no table for the GPU, or tokens far below the measured count, it answers ``"dense"``.
+With no table for the GPU, or tokens far below the measured count, it answers ``"dense"`` (and
+:func:`set_kernels` warns once per GPU that has no table). ``MST_KERNEL_TABLE=PATH`` points at a table measured
+on your own GPU instead of the one shipped in the package.
 """
 
 import functools
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +117,8 @@ def set_kernels(
                 gpu = device_name or (torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type)
                 density = blocks.float().mean().item()
                 choice = choose_kernel(n_in, n_out, tokens, density, block_size, gpu, path)
+                if gpu != "cpu" and normalize_device_name(gpu) not in load_table(path):
+                    _warn_no_table(gpu, table_path(path))
         if choice == "block":
             enable_block_sparse(module, masks[name], block_size)
         else:
@@ -152,9 +157,24 @@ def _load(path: str) -> dict:
     return {normalize_device_name(k): v for k, v in data.get("devices", {}).items()}
 
 
+def table_path(path: str | None = None) -> str:
+    """The break-even table in use: `path`, else ``$MST_KERNEL_TABLE``, else the one shipped in the package."""
+    return os.path.abspath(path or os.environ.get("MST_KERNEL_TABLE") or DEFAULT_TABLE)
+
+
 def load_table(path: str | None = None) -> dict:
     """``{device name: table}`` from a break-even JSON (``{"devices": {name: {"tokens", "break_even": [...]}}}``)."""
-    return _load(os.path.abspath(path or DEFAULT_TABLE))
+    return _load(table_path(path))
+
+
+@functools.cache
+def _warn_no_table(device_name: str, path: str) -> None:
+    warnings.warn(
+        f"weight_kernels='auto': the break-even table {path} has no measurements for GPU {device_name!r} (it has: "
+        f"{', '.join(sorted(load_table(path))) or 'none'}), so every layer stays on dense kernels and block sparsity "
+        "gives no speed-up. Measure this GPU with `python bench/blocksparse_linear.py --out DIR` and point "
+        "MST_KERNEL_TABLE at DIR/blocksparse_breakeven.json, or set MSTConfig(weight_kernels='block').",
+        UserWarning, stacklevel=3)
 
 
 def break_even_density(

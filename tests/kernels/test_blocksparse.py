@@ -6,6 +6,7 @@ matmul, and torch.compile cannot trace interpreted kernels (wrap_triton hands th
 realistic shapes and torch.compile run on the GPU (marked gpu)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -350,3 +351,23 @@ def test_gpu_torch_compile_under_autocast():
     assert y.dtype == torch.bfloat16 and rel_err(y, eager) < 1e-3
     (gw,) = torch.autograd.grad(y.float().sum(), (module.weight,))
     assert gw.dtype == torch.float32
+
+
+def test_set_kernels_warns_once_for_a_gpu_without_table_and_honours_env_table(tmp_path, monkeypatch):
+    from mst_hf.kernels import dispatch
+
+    table = {"devices": {"Test GPU A": {"tokens": 64, "break_even": [
+        {"n_in": 64, "n_out": 64, "block_size": 32, "break_even_density": 0.6}]}}}
+    path = tmp_path / "t.json"
+    path.write_text(__import__("json").dumps(table))
+    half = torch.zeros(64, 64, dtype=torch.bool)
+    half[:32] = True
+    modules, masks = {"a": nn.Linear(64, 64)}, {"a": half}
+    dispatch._warn_no_table.cache_clear()
+    with pytest.warns(UserWarning, match="no measurements for GPU 'Test GPU B'.*MST_KERNEL_TABLE"):
+        assert set_kernels(modules, masks, 32, tokens=64, device_name="Test GPU B", path=str(path)) == {"a": "dense"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call for the same GPU stays quiet
+        set_kernels(modules, masks, 32, tokens=64, device_name="Test GPU B", path=str(path))
+    monkeypatch.setenv("MST_KERNEL_TABLE", str(path))  # no `path`: the environment names the table
+    assert set_kernels(modules, masks, 32, tokens=64, device_name="Test GPU A") == {"a": "block"}
