@@ -174,8 +174,8 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
                 commands.append(json.load(fh).get("command", "python bench/study.py ..."))
     args = {"command": "`; `".join(commands)} if commands else {}
     labels = {r["label"] for r in rows}
-    for name, label in (("reference", reference), ("compare", compare)):
-        if label not in labels and not (name == "compare" and label == "mst"):
+    for name, label, default in (("reference", reference, "dense"), ("compare", compare, "mst")):
+        if label not in labels and label != default:  # the defaults may be absent (a batch of other arms)
             raise ValueError(f"{name}={label!r}: no such arm in {folder!r}; arms: {sorted(labels)}.")
     dense = [r for r in rows if r["label"] == reference]
     dense_final = {r["seed"]: r["final"]["val"] for r in dense}

@@ -74,12 +74,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         grow_method="gradient",
         hsa_pattern="dense",
     ),
-    # The best recipe of the study in docs/results.md (4-layer d=192 GPT-2, 38M tokens, two seeds each): the paper's
-    # phases and attention with gradient growth in every phase (mixed growth gained nothing), the learning rate
+    # The paper's three phases and attention with the study's fixes (docs/results.md: 4-layer d=192 GPT-2, 38M
+    # tokens, two seeds each): gradient growth in every phase (mixed growth gained nothing), the learning rate
     # decaying with restoration (warmup-stable-decay to 10% of the peak) and the tied LM head capped at 80%
-    # sparsity. There it ended 0.32 nats below `mst-paper` at the same counted 4.00x, still above constant-density
-    # RigL with the same LR schedule and above an iso-FLOP small dense model: see docs/results.md.
-    "mst-recommended": dict(
+    # sparsity. 0.32 nats below `mst-paper` at the same counted 4.00x there, 0.15 above `mst-recommended`.
+    "mst-3phase": dict(
         initial_sparsity=0.0,
         ultra_sparsity=0.9,
         final_sparsity=0.0,
@@ -92,6 +91,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         hsa_phases=[schedule.ULTRA],
         lr_schedule="wsd",
         lr_floor=0.1,
+        lm_head_max_sparsity=0.8,
+    ),
+    # The best recipe of the study in docs/results.md (4-layer d=192 GPT-2, 38M tokens, two seeds each): constant
+    # 80% weight sparsity with RigL-style drop and gradient growth; hybrid sparse attention for the first 80% of
+    # the steps and dense attention for the last 20% (so the trained model is a plain dense-attention model for
+    # inference), where the learning rate decays (warmup-stable-decay to 10% of the peak); the tied LM head capped
+    # at 80% sparsity. The three-phase sparsity variation is dropped: it cost quality at every scale measured. At a
+    # counted 4.0x (the study ran it at 0.812 to match `mst-paper`'s 4.00x there) it ended 0.15 nats below
+    # `mst-3phase` and 0.46 below `mst-paper`; it still ends above an iso-FLOP small dense model. The counted
+    # reduction depends on the model and context: `python -m mst_hf.plan` prints it.
+    "mst-recommended": dict(
+        initial_sparsity=0.8,
+        ultra_sparsity=0.8,
+        final_sparsity=0.8,
+        warmup_ratio=0.0,
+        restoration_ratio=0.2,
+        grow_method="gradient",
+        hsa_pattern="local_strided",
+        hsa_window=128,
+        hsa_stride=128,
+        hsa_phases=[schedule.ULTRA],
+        lr_schedule="wsd",
+        lr_floor=0.1,
+        lr_decay_start=0.8,
         lm_head_max_sparsity=0.8,
     ),
 }

@@ -229,7 +229,8 @@ def test_no_preset_named_means_the_default_preset(example):
 
 def test_default_preset_drops_a_head_cap_the_model_cannot_meet(example, caplog):
     """A GPT-2 whose 50k-token head holds most of the weights cannot keep the head at <= 80% sparsity at 90% overall:
-    with no preset named the cap is dropped with a warning; a cap the user asked for is kept (and fails later)."""
+    with no preset named the cap is dropped with a warning; a cap the user asked for is kept (and fails later). At the
+    default preset's own 80% the cap is always feasible (every layer at 80%) and stays."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -238,12 +239,16 @@ def test_default_preset_drops_a_head_cap_the_model_cannot_meet(example, caplog):
         big = AutoModelForCausalLM.from_config(GPT2Config(n_layer=12, n_embd=768, n_head=12))
     import logging
 
+    at_90 = dict(mst_initial_sparsity=0.9, mst_ultra_sparsity=0.9, mst_final_sparsity=0.9)
+    default = to_mst_config(example.MSTArguments(), max_steps=100, block_size=128, model=small)
+    assert default.lm_head_max_sparsity == 0.8
+    assert "training without the cap" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        dropped = to_mst_config(example.MSTArguments(), max_steps=100, block_size=128, model=small)
+        dropped = to_mst_config(example.MSTArguments(**at_90), max_steps=100, block_size=128, model=small)
     assert dropped.lm_head_max_sparsity is None and "training without the cap" in caplog.text
-    kept = to_mst_config(example.MSTArguments(), max_steps=100, block_size=128, model=big)
+    kept = to_mst_config(example.MSTArguments(**at_90), max_steps=100, block_size=128, model=big)
     assert kept.lm_head_max_sparsity == 0.8  # GPT-2 124M: the head is 31% of the weights, the cap fits
-    named = to_mst_config(example.MSTArguments(mst_preset="mst-recommended"), max_steps=100, block_size=128,
+    named = to_mst_config(example.MSTArguments(mst_preset="mst-recommended", **at_90), max_steps=100, block_size=128,
                           model=small)
     assert named.lm_head_max_sparsity == 0.8
 
