@@ -332,9 +332,8 @@ def test_triton_tiles_of_local_strided_by_hand():
 
 
 def test_conventions_agree_with_the_configs_they_stand_for():
-    from mst_hf.plan import convention_reductions
     from mst_hf.flops import model_flop_shapes
-    from mst_hf.plan import build_meta_model, plan_run
+    from mst_hf.plan import build_meta_model, convention_reductions, plan_run
 
     model = build_meta_model("gpt2-124m")
     cfg = MSTConfig.from_preset("gpt2-4x")
