@@ -99,6 +99,20 @@ def test_from_preset_without_a_name_is_the_default_preset():
     assert cfg.mst_dict() == MSTConfig(**PRESETS["mst-recommended"], seed=3).mst_dict()
 
 
+def test_default_recipe_is_constant_sparsity_and_ends_on_dense_attention():
+    """The default preset's contract (docs/concepts.md): 80% sparsity at every step, sparse attention for the first
+    80% of the steps, dense attention (so the saved model needs no sparse pattern at inference) and the learning-rate
+    decay in the last 20%."""
+    from mst_hf import schedule
+
+    cfg, total = MSTConfig.from_preset(), 1000
+    assert {schedule.target_sparsity(t, total, cfg) for t in range(total)} == {0.8}
+    on = [schedule.hsa_active(t, total, cfg) for t in range(total)]
+    assert all(on[:800]) and not any(on[800:])
+    lr = [schedule.lr_multiplier(t, total, cfg) for t in range(total)]
+    assert set(lr[:800]) == {1.0} and lr[-1] < 0.11 and all(a >= b for a, b in zip(lr[800:], lr[801:]))
+
+
 @pytest.mark.parametrize("typo,meant", [("ultra_sparstiy", "ultra_sparsity"), ("hsa_windw", "hsa_window")])
 def test_misspelt_keyword_is_refused_with_the_field_meant(typo, meant):
     with pytest.raises(TypeError, match=rf"`{typo}`.*did you mean `{meant}`"):
