@@ -87,14 +87,41 @@ def _json_value(name: str):
     return parse
 
 
+def _optional_number(name: str, kind: type):
+    """``none`` / ``null`` (any case) unsets an optional number, e.g. a preset's ``lm_head_max_sparsity``."""
+
+    def parse(value: str):
+        if value.strip().lower() in ("none", "null"):
+            return None
+        try:
+            return kind(value)
+        except ValueError as err:
+            raise ValueError(f"`--{PREFIX}{name}` takes a {kind.__name__} or `none`, got {value!r}.") from err
+
+    return parse
+
+
+def _optional_number_kind(annotation) -> type | None:
+    """``float`` for ``float | None`` (``int`` likewise); else None."""
+    args = typing.get_args(annotation)
+    members = [a for a in args if a is not type(None)]
+    return members[0] if type(None) in args and len(members) == 1 and members[0] in (int, float) else None
+
+
 def _cli_type(annotation):
-    """The flag's type: the field's own when it is one scalar (``float``, ``str | None``, ...), else ``str``."""
+    """The flag's type: the field's own when it is one scalar (``float``, ``str | None``, ...), else ``str`` (also
+    for an optional number, whose text may be ``none``)."""
     members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if _optional_number_kind(annotation) is not None:
+        return str
     return members[0] if len(members) == 1 and members[0] in _SCALARS else str
 
 
 def text_parser(field: dataclasses.Field):
     """``None`` for a scalar field (the parser converts it); else the function from flag text to field value."""
+    kind = _optional_number_kind(field.type)
+    if kind is not None:
+        return _optional_number(field.name, kind)
     if _cli_type(field.type) is not str or field.type is str or field.type == (str | None):
         return None
     return TEXT_PARSERS.get(field.name, _json_value(field.name))
@@ -113,6 +140,8 @@ def as_text(value) -> str:
 def _help(field: dataclasses.Field, default) -> str:
     text = field.metadata.get("help", "").rstrip()
     text += f" Default: {as_text(default)}"
+    if _optional_number_kind(field.type) is not None:
+        text += " (`none` unsets it)"
     if field.name in RUN_SCALED:
         text += f"; when unset, scaled to the run ({RUN_SCALED[field.name]})"
     # '%(default).0s' prints nothing; its presence stops HfArgumentParser's formatter from appending
@@ -137,7 +166,7 @@ def mst_arguments_dataclass(extra_fields=(), name: str = "MSTArguments") -> type
     )]
     for f in config_fields():
         help_text = _help(f, getattr(defaults, f.name))
-        if text_parser(f) is not None and f.name not in TEXT_PARSERS:
+        if text_parser(f) is not None and f.name not in TEXT_PARSERS and _optional_number_kind(f.type) is None:
             help_text = "(JSON) " + help_text
         fields.append((PREFIX + f.name, _cli_type(f.type) | None,
                        dataclasses.field(default=None, metadata={"help": help_text})))

@@ -212,6 +212,20 @@ def test_bad_mst_argument_names_the_flag(example):
         to_mst_config(example.MSTArguments(mst_ultra_sparsity=1.5), max_steps=100, block_size=128)
 
 
+def test_an_optional_number_flag_can_unset_a_presets_value(example):
+    """`--mst_lm_head_max_sparsity none` removes a named preset's cap (a float flag could not say None)."""
+    def config(*flags):
+        mst_args = example.parse_arguments(["--mst_preset", "mst-3phase", *flags])[3]
+        return to_mst_config(mst_args, max_steps=100, block_size=128)
+
+    assert config().lm_head_max_sparsity == 0.8
+    assert config("--mst_lm_head_max_sparsity", "None").lm_head_max_sparsity is None
+    assert config("--mst_lm_head_max_sparsity", "0.9").lm_head_max_sparsity == 0.9
+    assert config("--mst_lr_decay_start", "0.5").lr_decay_start == 0.5
+    with pytest.raises(ValueError, match="--mst_lm_head_max_sparsity.*float or `none`"):
+        config("--mst_lm_head_max_sparsity", "high")
+
+
 def test_mst_config_scales_to_short_runs(example):
     config = to_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
     assert (config.update_interval, config.hsa_window, config.hsa_stride, config.hsa_block) == (10, 16, 16, 16)
