@@ -158,7 +158,9 @@ def model_card_section(info: dict) -> str:
         phase = f" (phase: {info['saved_in_phase']})" if info.get("saved_in_phase") else ""
         rows.append(("Saved after optimizer step", f"{info['saved_at_step']}{of}{phase}"))
     if info.get("hsa_active") is not None:
-        rows.append(("Sparse attention pattern at save", "on" if info["hsa_active"] else "off (dense causal)"))
+        rows.append(("Sparse attention pattern at save", "on: the model was trained with it up to this step; load it "
+                     "with `attn_implementation=\"mst_hsa\"` (after `import mst_hf`) to evaluate it as trained"
+                     if info["hsa_active"] else "off (dense causal)"))
     if metrics.get("mst/flop_reduction") is not None:
         rows.append(("Counted training FLOP reduction vs. dense",
                      f"{metrics['mst/flop_reduction']:.3f}x (counted matmul FLOPs, not a measured time)"))

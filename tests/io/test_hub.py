@@ -148,3 +148,25 @@ def test_push_refuses_a_corrupt_mask_file_before_uploading(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="corrupt"):
         mst_hf.push_sparse_to_hub(str(out), "me/bad")
     assert hub.uploads == [] and hub.repos == []
+
+
+def test_card_says_how_to_load_a_model_saved_with_sparse_attention_on(tmp_path):
+    """A model saved while HSA was on is evaluated as trained only with the "mst_hsa" attention: the card says so,
+    and that load does reproduce the saved model's outputs (a plain load does not)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mst_hf.io.hub import model_card_section
+
+    assert 'attn_implementation="mst_hsa"' in model_card_section({"hsa_active": True})
+    assert "mst_hsa" not in model_card_section({"hsa_active": False})
+    model = tiny_gpt2()
+    model.set_attn_implementation("mst_hsa")
+    mst_hf.configure_hsa(model, pattern="local", window=4, stride=4, block=4, active=True)
+    x = torch.randint(0, model.config.vocab_size, (1, 32))
+    model.eval().save_pretrained(tmp_path)
+    with torch.no_grad():
+        saved = model(x).logits
+        as_trained = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="mst_hsa").eval()(x).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits
+    assert torch.allclose(saved, as_trained, atol=1e-5) and not torch.allclose(saved, plain, atol=1e-3)
