@@ -221,8 +221,8 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
     for r in reruns:
         lines.append(f"Rerun of {r['label']} seed {r['seed']} (not in the tables): val {r['final']['val']:.4f}, "
                      f"held-out {r['final']['heldout']:.4f}.")
-    mst_mean = [r["final"]["val"] for r in rows if r["label"] == compare]
-    mst_mean = float(np.mean(mst_mean)) if mst_mean else None
+    compare_vals = [r["final"]["val"] for r in rows if r["label"] == compare]
+    compare_mean = float(np.mean(compare_vals)) if compare_vals else None
     lines += ["", target_note, "",
               f"Per arm, over seeds (spread = max - min; differences from `{compare}` use the means):",
               "", f"| arm | changes | seeds | val loss (each seed) | mean | spread | val - {compare} "
@@ -233,7 +233,7 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
         v = [r["final"]["val"] for r in rs]
         h = [r["final"]["heldout"] for r in rs]
         change = ", ".join(f"{k}={val}" for k, val in rs[0].get("overrides", {}).items()) or rs[0]["arm"]
-        delta = "-" if mst_mean is None else f"{np.mean(v) - mst_mean:+.4f}"
+        delta = "-" if compare_mean is None else f"{np.mean(v) - compare_mean:+.4f}"
         lines.append(f"| {label} | {change} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{', '.join(f'{x:.4f}' for x in v)} | {np.mean(v):.4f} | {max(v) - min(v):.4f} | {delta} | "
                      f"{', '.join(f'{x:.4f}' for x in h)} | {np.mean(h):.4f} | {max(h) - min(h):.4f} | "

@@ -111,9 +111,9 @@ def _optional_number_kind(annotation) -> type | None:
 def _cli_type(annotation):
     """The flag's type: the field's own when it is one scalar (``float``, ``str | None``, ...), else ``str`` (also
     for an optional number, whose text may be ``none``)."""
-    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     if _optional_number_kind(annotation) is not None:
         return str
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     return members[0] if len(members) == 1 and members[0] in _SCALARS else str
 
 
