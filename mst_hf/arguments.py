@@ -4,14 +4,14 @@
 with one ``--mst_<field>`` flag per `MSTConfig` field (its help text is the field's ``metadata["help"]``, followed
 by the config's default) and ``--mst_preset``. Nothing here lists the fields by hand: a field added to
 `MSTConfig` gets its flag. Every flag defaults to unset (``None``), so that :func:`to_mst_config` can apply, in
-order, the preset, the values scaled to the run (:func:`run_scaled_defaults`) and the flags actually given.
+order, the preset, the values scaled to the run (:func:`mst_hf.defaults.run_scaled_defaults`) and the flags
+actually given.
 
 On the command line a value that is not a single number, bool or word is written as text: lists comma-separated
 (``--mst_target_modules c_attn,c_fc``, ``--mst_hsa_layers 0,2``), a per-phase grow method as
 ``warmup=gradient,ultra=mixed,restoration=gradient``; a field with no such rule takes JSON.
 """
 
-import copy
 import dataclasses
 import json
 import typing
@@ -20,20 +20,13 @@ from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .config import PRESETS, MSTConfig
+from .defaults import RUN_SCALED, run_config
 from .presets import DEFAULT_PRESET
-from .targets import layer_sparsities
 
 logger = logging.get_logger(__name__)
 
 PREFIX = "mst_"
 PRESET_FLAG = "mst_preset"
-# Fields that the run's length or sequence length scales when they are left unset (see `run_scaled_defaults`).
-RUN_SCALED = {
-    "update_interval": "about 25 updates per run: max_steps // 25 for runs under 2500 steps",
-    "hsa_window": "block_size // 8 for blocks under 1024 tokens; the paper has 128 at 1024",
-    "hsa_stride": "block_size // 8 for blocks under 1024 tokens",
-    "hsa_block": "block_size // 8 for blocks under 1024 tokens",
-}
 _SCALARS = (bool, int, float, str)
 
 
@@ -182,18 +175,6 @@ MSTArguments = mst_arguments_dataclass()
 
 
 # ------------------------------------------------------------------------------------------------ to MSTConfig
-def run_scaled_defaults(max_steps: int | None = None, block_size: int | None = None) -> dict:
-    """Defaults for short runs and short sequences: a topology update about every ``max_steps // 25`` steps (at
-    most every 100) and an HSA window, stride and block of ``block_size // 8`` for blocks under 1024 tokens. A
-    ``max_steps`` of ``None`` or below 1 (unknown) and a ``block_size`` of ``None`` leave those fields alone."""
-    scaled = {}
-    if max_steps is not None and max_steps > 0:  # TrainingArguments' max_steps is -1 when epochs decide
-        scaled["update_interval"] = min(100, max(1, max_steps // 25))
-    if block_size is not None and block_size < 1024:
-        scaled.update(dict.fromkeys(("hsa_window", "hsa_stride", "hsa_block"), max(1, block_size // 8)))
-    return scaled
-
-
 def given_values(args) -> dict:
     """The `MSTConfig` fields whose ``mst_*`` flag is set in ``args``, parsed from text where needed."""
     values = {}
@@ -207,45 +188,18 @@ def given_values(args) -> dict:
 
 
 def to_mst_config(args, max_steps: int | None = None, block_size: int | None = None, model=None) -> MSTConfig:
-    """The `MSTConfig` of parsed ``args`` (an instance of a :func:`mst_arguments_dataclass` class): the preset
-    (``DEFAULT_PRESET`` when none is named), then :func:`run_scaled_defaults` (when ``max_steps`` / ``block_size``
-    are given; they replace a preset's update interval and HSA sizes, which are written for long runs at 1024
-    tokens), then the flags given, then `MSTConfig`'s defaults. A bad value raises the
-    config's error, prefixed with the flag.
-
-    ``model`` (its shapes only: a model on the ``meta`` device will do): when no preset was named and the default
-    preset's cap on the LM head's sparsity cannot be met on this model (a small model whose head holds most of the
-    weights), the cap is dropped with a warning instead of failing the run. A cap given by flag or by a named preset
-    is never dropped: it fails with the allocation's error."""
+    """The `MSTConfig` of parsed ``args`` (an instance of a :func:`mst_arguments_dataclass` class), by the one rule
+    that ``MSTTrainer`` without ``mst_config`` and ``python -m mst_hf.plan`` follow too
+    (:func:`mst_hf.defaults.run_config`): the preset (``DEFAULT_PRESET`` when none is named), then the values
+    scaled to ``max_steps`` and ``block_size``, then the flags given. A bad value raises the config's error,
+    prefixed with the flag. ``model`` (shapes only) lets an infeasible default head cap be dropped with a warning."""
     named = getattr(args, PRESET_FLAG, None)
-    preset = named or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ValueError(f"`--{PRESET_FLAG}` must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = copy.deepcopy(PRESETS[preset])
+    if named is not None and named not in PRESETS:
+        raise ValueError(f"`--{PRESET_FLAG}` must be one of {sorted(PRESETS)}, got {named!r}.")
     given = given_values(args)
-    fields.update(given)
-    for name, value in run_scaled_defaults(max_steps, block_size).items():
-        if name not in given:  # presets are written for long runs at 1024 tokens: scaled to this run too
-            fields[name] = value
     try:
-        config = MSTConfig(**fields)
+        return run_config(named, given, max_steps, block_size, model=model)
     except (ValueError, TypeError) as err:
+        fields = {**PRESETS[named or DEFAULT_PRESET], **given}
         flag = next((f"--{PREFIX}{k}" for k in fields if f"`{k}" in str(err)), f"--{PREFIX}*")
         raise type(err)(f"{flag}: {err}") from err
-    if model is not None and named is None and "lm_head_max_sparsity" not in given:
-        _drop_infeasible_head_cap(config, model)
-    return config
-
-
-def _drop_infeasible_head_cap(config: MSTConfig, model) -> None:
-    if config.lm_head_max_sparsity is None:
-        return
-    peak = max(config.initial_sparsity, config.ultra_sparsity, config.final_sparsity)
-    try:
-        layer_sparsities(model, config, peak)
-    except ValueError as err:
-        logger.warning("The default preset %r caps the LM head's sparsity at %s, which this model cannot meet at "
-                       "sparsity %s (%s); training without the cap. Name a preset (`--%s`) or set `--%slm_head_max_"
-                       "sparsity` to decide yourself.", DEFAULT_PRESET, config.lm_head_max_sparsity, peak, err,
-                       PRESET_FLAG, PREFIX)
-        config.lm_head_max_sparsity = None

@@ -343,13 +343,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .config import MSTConfig
+    from .defaults import run_config
 
-    mst_config = load_mst_config(args.config) if args.config else MSTConfig.from_preset(args.preset or DEFAULT_PRESET)
     model = build_meta_model(args.model)
+    if args.config:
+        mst_config = load_mst_config(args.config)
+    else:  # the rule MSTTrainer without mst_config and the example follow: the preset scaled to this run
+        seq_len = args.seq_len if args.seq_len is not None else model_flop_shapes(model).max_seq_len
+        mst_config = run_config(args.preset, max_steps=args.steps, seq_len=seq_len, model=model)
     plan = plan_run(model, mst_config, args.steps, args.tokens_per_step, args.seq_len)
     label = args.config or f"preset {args.preset or DEFAULT_PRESET}"
-    summary = {"model": args.model, "mst_config": label, **plan.summary()}
+    summary = {"model": args.model, "mst_config": label, **plan.summary(), "mst_config_fields": mst_config.mst_dict()}
     summary["conventions"] = convention_reductions(plan.flop_model, mst_config, args.steps,
                                                                args.tokens_per_step, plan.seq_len, plan.flop_reduction)
     summary["lm_head_at_ultra"] = conventions.lm_head_sparsity(plan.flop_model, mst_config, mst_config.ultra_sparsity)

@@ -23,8 +23,10 @@ from transformers.utils import logging
 from . import sharding
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
+from .defaults import run_config, sequence_length
 from .io import hub
 from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+from .presets import DEFAULT_PRESET
 from .targets import PEFT_REFUSAL, has_peft_layers
 
 logger = logging.get_logger(__name__)
@@ -42,14 +44,17 @@ class MSTTrainer(Trainer):
     """``MSTTrainer(model, args, mst_config=MSTConfig(...), **trainer_kwargs)``; everything else as `Trainer`."""
 
     def __init__(self, model=None, args=None, *trainer_args, mst_config: MSTConfig | None = None, **kwargs):
-        if mst_config is None:
-            mst_config = MSTConfig()
-        if not isinstance(mst_config, MSTConfig):
+        if mst_config is not None and not isinstance(mst_config, MSTConfig):
             raise TypeError(f"`mst_config` must be an mst_hf.MSTConfig, got {type(mst_config).__name__}.")
         if has_peft_layers(model):  # before Trainer touches the model (MSTController checks again)
             raise NotImplementedError(PEFT_REFUSAL)
         super().__init__(model, args, *trainer_args, **kwargs)
         self._refuse_unsupported_parallelism()
+        if mst_config is None:  # the default preset, scaled to this run, as the example and the planner choose it
+            mst_config = run_config(max_steps=self.args.max_steps, seq_len=sequence_length(self.train_dataset),
+                                    model=self.model)
+            logger.info("MSTTrainer without `mst_config`: the default preset %r scaled to this run (%s).",
+                        DEFAULT_PRESET, mst_config.mst_dict())
         if self.args.fp16 and mst_config.regrow_optimizer_state == "warm":
             # the topology update runs before GradScaler unscales: warm moments would hold loss-scaled gradients
             raise ValueError(
