@@ -11,7 +11,7 @@ a callback, so both count the same FLOPs and get the same masks)::
             model(**batch).loss.backward()
         ctl.after_backward(step, total_steps, optimizer)  # closes the step's FLOP count, topology update when due,
         optimizer.step(); optimizer.zero_grad()          # then masks the gradients
-        ctl.after_optimizer_step()                       # pruned weights back to exactly 0
+        ctl.after_optimizer_step(optimizer)              # pruned weights stay exactly 0
 
 ``batch`` is a mapping with ``input_ids`` (or ``inputs_embeds``); under ``torch.distributed`` each rank passes its
 own micro-batch and the count is multiplied by the world size (every rank is assumed to see the same shape).
@@ -41,6 +41,19 @@ def _tokens(inputs) -> int:
     """Tokens of one micro-batch on this rank (0 when unknown)."""
     ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
     return int(ids.numel()) if ids is not None else 0
+
+
+# Optimizers whose update of an element with zero gradient, zero state and zero weight is exactly +0.0 (decoupled or
+# L2 weight decay scales 0 to 0; Adam's m / (sqrt(v) + eps) is 0 / eps): exact types only, a subclass may differ.
+_ZERO_KEEPING_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+def keeps_pruned_zero(optimizer) -> bool:
+    """Whether ``optimizer`` (or the torch optimizer inside accelerate's ``AcceleratedOptimizer``) leaves weights
+    whose gradient and optimizer state are masked to zero at exactly zero, so they need no re-masking per step."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
+        optimizer = optimizer.optimizer
+    return type(optimizer) in _ZERO_KEEPING_OPTIMIZERS
 
 
 class MSTController:
@@ -231,9 +244,15 @@ class MSTController:
         self.masks.apply_to_grads()
         return record
 
-    def after_optimizer_step(self) -> None:
-        """Put pruned weights back to exactly zero (AdamW's decoupled decay keeps zeros at zero; this is a guard)."""
-        self.masks.apply_to_weights()
+    def after_optimizer_step(self, optimizer=None) -> None:
+        """Keep pruned weights at exactly zero after ``optimizer.step()``.
+
+        With the step's ``optimizer`` given and one that provably keeps them there (:func:`keeps_pruned_zero`:
+        torch's AdamW, Adam and SGD see a zero gradient and zero state at every pruned position, and scale a zero
+        weight to zero), nothing runs: the gradient masking of :meth:`after_backward` is the step's one masking
+        pass. Otherwise (another optimizer, or none given) every pruned weight is set back to ``+0.0``."""
+        if optimizer is None or not keeps_pruned_zero(optimizer):
+            self.masks.apply_to_weights()
 
     # ------------------------------------------------------------------ topology evolution
     @torch.no_grad()

@@ -36,8 +36,8 @@ class _MSTCallback(TrainerCallback):
     def __init__(self, controller: MSTController):
         self.controller = controller
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.controller.after_optimizer_step()
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.controller.after_optimizer_step(optimizer)
 
 
 class MSTTrainer(Trainer):
@@ -150,7 +150,11 @@ class MSTTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Trainer's files, then the MST files (masks, config, state) in the same folder: inside ``save_model``, so
-        they are on disk before any Hub upload of the folder starts."""
+        they are on disk before any Hub upload of the folder starts. Pruned weights are set to ``+0.0`` first (a
+        guard: the optimizers that skip the per-step re-masking already keep them there)."""
+        if state_dict is None:
+            self.mst.follow_params()
+            self.mst.masks.apply_to_weights()
         super()._save(output_dir, state_dict=state_dict)
         self._save_mst_files(output_dir)
 
