@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from . import recipe, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
-from .masks import MaskState
+from .masks import MaskState, mask_fingerprint
 from .targets import TargetWeight, require_targets, unwrap_model
 
 logger = logging.get_logger(__name__)
@@ -174,11 +174,24 @@ class MSTController:
             self.masks.set_mask(name, mask)
         self.masks.apply_to_weights()
 
-    def _broadcast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Make rank 0's masks everyone's (they already agree when weights and gradients do: this is a guard)."""
+    def _agree(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Make sure every rank holds the same new masks. They already agree when weights and gradients do (the same
+        all-reduced gradients, the same seeded generators), so ranks compare a fingerprint per mask (a few bytes:
+        one all-reduce of the minimum and one of the maximum, one host sync) and only on a mismatch take rank 0's
+        masks whole, with a warning."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return masks
         names = list(masks)
+        low = torch.stack([mask_fingerprint(masks[n]) for n in names])
+        high = low.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if torch.equal(low, high):
+            return masks
+        differ = [n for n, a, b in zip(names, low.tolist(), high.tolist()) if a != b]
+        logger.warning("MST: the new masks of %d layer(s) differ between ranks (%s); taking rank 0's. Ranks should "
+                       "see the same gradients: check that every rank runs the same model and data-parallel set-up.",
+                       len(differ), ", ".join(differ[:4]))
         flat = torch.cat([masks[n].flatten().to(torch.uint8) for n in names])
         dist.broadcast(flat, src=0)
         out, offset = {}, 0
@@ -291,7 +304,7 @@ class MSTController:
                 r, a = self.masks.set_mask(name, new_masks.pop(name), optimizer)
                 removed += r
                 added += a
-        new_masks = self._broadcast(new_masks) if new_masks else new_masks
+        new_masks = self._agree(new_masks) if new_masks else new_masks
         for name, mask in new_masks.items():
             r, a = self.masks.set_mask(name, mask, optimizer, regrow_optimizer_state=cfg.regrow_optimizer_state,
                                        regrow_init=cfg.regrow_init, regrow_init_scale=cfg.regrow_init_scale)
