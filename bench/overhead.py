@@ -12,10 +12,12 @@ import argparse
 import time
 
 import torch
-from _common import StepTimer, TokenBlocks, gpt2, hardware, versions, write_json
+from _common import StepTimer, TokenBlocks, gpt2, write_json
 from transformers import Trainer, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer
+from mst_hf.reporting import describe_hardware as hardware
+from mst_hf.reporting import package_versions as versions
 
 
 def run_once(kind: str, compile_: bool, data, args) -> float:

@@ -18,8 +18,8 @@ baseline is the same for all, so the reductions are comparable.
 """
 
 import dataclasses
-import functools
 
+from .attention.impl.triton.launch import triton_tile_pairs
 from .flops import FlopModel
 
 CONVENTIONS = ("headline", "attention_tiles", "no_attention_credit", "dense_lm_head", "strictest")
@@ -30,34 +30,6 @@ DESCRIPTIONS = {
     "dense_lm_head": "dense LM head (not sparsified)",
     "strictest": "no attention credit and dense LM head",
 }
-
-
-def _part_tiles(part) -> int:
-    """(query, key) entries of the tiles one part of the Triton kernel visits in its forward (the key ranges of
-    its ``_key_range``, plus the summary-key loop of ``fixed``); each tile counts ``BM x BN`` entries."""
-    from .attention.impl.triton.launch import LOCAL
-
-    total = 0
-    for m0 in range(0, part.n, part.bm):
-        lo = max(m0 - part.w + 1, 0) if part.mask == LOCAL else (m0 // part.group) * part.group
-        lo = (lo // part.bn) * part.bn
-        hi = min(m0 + part.bm, part.n)
-        total += len(range(lo, hi, part.bn)) * part.bm * part.bn
-        if part.n_sum:
-            summaries = min((m0 + part.bm - 1) // part.c, part.n_sum)
-            total += len(range(0, summaries, part.bs)) * part.bm * part.bs
-    return total
-
-
-@functools.cache
-def triton_tile_pairs(spec, seq_len: int) -> int | None:
-    """(query, key) entries the Triton kernel computes for one sequence and head under ``spec`` (an ``HSASpec``),
-    or ``None`` when it does not compute that pattern (``dense``, or a head split)."""
-    from .attention.impl.triton.launch import TRITON_PATTERNS, plan_parts
-
-    if spec.pattern not in TRITON_PATTERNS or spec.head_split:
-        return None
-    return sum(_part_tiles(part) for part in plan_parts(spec, seq_len))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -265,7 +265,10 @@ class FlopMeter:
     once, after the backward and *before* the topology update, with the masks the step's forward and backward ran
     with (an update step pays the dense weight gradient of their inactive part; the new masks count from the next
     step on). Active counts read from a :class:`~mst_hf.MaskState` are cached until the next update step or
-    :meth:`load_state_dict`; call :meth:`invalidate` after changing masks any other way.
+    :meth:`load_state_dict`; call :meth:`invalidate` after changing masks any other way. Only the masks of the flop
+    model's targets are read: a matrix it counts dense (e.g. the head of the ``dense_lm_head`` model of
+    :func:`mst_hf.conventions.convention_flop_models`) is charged dense whatever its mask, so one run's masks can be
+    priced under each convention.
     """
 
     def __init__(self, flop_model: FlopModel):
@@ -312,7 +315,8 @@ class FlopMeter:
         if isinstance(masks, Mapping):  # densities by parameter name
             return active_weights(self.flop_model, masks)
         if self._active is None:  # a MaskState: its counts are cached until a mask changes
-            self._active = {name: masks.active(name) for name in masks.masks}
+            targets = {m.name for m in self.flop_model.targets}  # a mask on a matrix counted dense is not read
+            self._active = {name: masks.active(name) for name in masks.masks if name in targets}
         return self._active
 
     def end_step(self, masks=None, hsa_on: bool = False, update_step: bool = False) -> int | float:

@@ -248,3 +248,33 @@ def write_summary(output_dir: str, summary: dict) -> str:
     with open(os.path.join(output_dir, SUMMARY_MD), "w", encoding="utf-8") as f:
         f.write(markdown)
     return markdown
+
+
+# ------------------------------------------------------------------------------------------------ the machine
+def describe_hardware() -> str:
+    """One line naming where a run ran, for the record next to its numbers: the GPU, its driver, torch and CUDA
+    (``"CPU <processor>, torch <version>"`` without CUDA)."""
+    import platform
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+        except OSError:
+            driver = "?"
+        name = torch.cuda.get_device_name(0)
+        return f"{name} (driver {driver}), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
+def package_versions() -> dict[str, str]:
+    """The versions a run's numbers depend on: torch, transformers and Python."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}

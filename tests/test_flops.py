@@ -189,6 +189,19 @@ def test_meter_reads_masks_before_the_update():
     assert (counted, after) == (expected, step_flops(ctl.flops.flop_model, dense_layer, 32, 16))
 
 
+
+def test_meter_charges_a_matrix_its_model_counts_dense_at_full_size_whatever_its_mask():
+    from mst_hf.conventions import convention_flop_models
+
+    ctl = MSTController(tiny_gpt2(), MSTConfig(initial_sparsity=0.5))
+    head = next(m for m in ctl.flops.flop_model.matmuls if m.is_lm_head)
+    assert ctl.masks.density(head.name) < 1.0  # the run's head is sparse ...
+    meter = FlopMeter(convention_flop_models(ctl.flops.flop_model)["dense_lm_head"])
+    meter.add_batch(2, 16)
+    counted = meter.end_step(ctl.masks)
+    densities = {n: ctl.masks.density(n) for n in ctl.masks.masks if n != head.name}
+    assert counted == step_flops(ctl.flops.flop_model, densities, 32, 16)  # ... and this model charges it dense
+
 def test_controller_state_dict_keeps_totals():
     cfg = MSTConfig(initial_sparsity=0.5, hsa_pattern="local", hsa_window=4)
 

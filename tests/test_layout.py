@@ -129,3 +129,41 @@ def test_attention_implementations_never_import_each_other():
 def test_modules_hold_one_idea_each():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+# --------------------------------------------------------------------------- research tooling (study/, tools/)
+
+REPO = ROOT.parent
+TOOLING = sorted(p for folder in ("study", "tools") for p in (REPO / folder).rglob("*.py"))
+BENCH_MODULES = {p.stem for p in (REPO / "bench").glob("*.py")}
+
+
+def _imported_names(path: pathlib.Path) -> list[str]:
+    """Every absolute module and name an import statement of ``path`` reaches (``from a.b import c``: a.b.c)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names += [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_research_tooling_uses_only_public_library_names():
+    assert TOOLING, "study/ and tools/ hold the research tooling"
+    offenders = sorted((str(p.relative_to(REPO)), name) for p in TOOLING for name in _imported_names(p)
+                       if name.startswith("mst_hf") and any(part.startswith("_") for part in name.split(".")))
+    assert offenders == []
+
+
+def test_research_tooling_never_imports_the_benchmarks():
+    offenders = sorted((str(p.relative_to(REPO)), name) for p in TOOLING for name in _imported_names(p)
+                       if name.split(".")[0] in BENCH_MODULES | {"bench"})
+    assert offenders == []
+
+
+def test_research_tooling_modules_hold_one_idea_each():
+    tables = {"tools/corpus/sources.py"}  # the pinned archives and their reference counts: one table of data
+    long = {name: n for p in TOOLING if (name := str(p.relative_to(REPO))) not in tables
+            and (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert long == {}

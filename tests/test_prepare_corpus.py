@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 from corpus import clean, dicts, markup, prose, rdata, sword  # noqa: E402
 from corpus.sources import PINS, REFERENCE  # noqa: E402

@@ -41,3 +41,17 @@ def test_dense_baseline_keeps_the_trainer_schedule_without_an_mst_one(tmp_path):
     entry, lrs = _baseline(tmp_path, MSTConfig(hsa_pattern="dense"))  # lr_schedule=None: the Trainer's cosine
     wsd = [PEAK * schedule.lr_multiplier(s, STEPS, MSTConfig(lr_schedule="wsd"), WARMUP) for s in range(STEPS)]
     assert entry["lr_schedule"] == "cosine" and lrs[-1] < 0.1 * PEAK and lrs != pytest.approx(wsd)
+
+
+def test_run_record_names_the_machine_and_the_versions():
+    import platform
+
+    import torch
+    import transformers
+
+    from mst_hf.reporting import describe_hardware, package_versions
+
+    expected = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    assert package_versions() == expected
+    assert f"torch {torch.__version__}" in describe_hardware()

@@ -1,16 +1,13 @@
-"""The study benchmark end to end on CPU (a tiny model on Moby Dick): its custom loop counts what the library plans."""
+"""The study (``python -m study``) end to end on CPU (a tiny model on Moby Dick): its custom loop counts what the
+library plans."""
 
 import json
 import os
-import sys
 
 import pytest
 
 from mst_hf import MSTConfig
 from mst_hf.plan import plan_run
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
-
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +16,9 @@ pytestmark = pytest.mark.slow
 def study_out(tmp_path_factory):
     pytest.importorskip("tokenizers")
     out = str(tmp_path_factory.mktemp("study"))
-    sys.path.insert(0, BENCH)
-    try:
-        import study
+    from study.run import main
 
-        study.main(["--smoke", "--arms", "dense,mst,static", "--steps", "20", "--seeds", "0", "--out", out])
-    finally:
-        sys.path.remove(BENCH)
+    main(["--smoke", "--arms", "dense,mst,static", "--steps", "20", "--seeds", "0", "--out", out])
     runs = {}
     for name in ("dense-s0", "mst-s0", "static-s0"):
         with open(os.path.join(out, f"{name}.json")) as f:
@@ -57,7 +50,13 @@ def test_mst_loop_counts_exactly_the_plan(study_out):
     assert r["final_sparsity"] == 0.0  # the schedule ends dense
     red = r["reduction"]
     assert red["headline"] > red["no_attention_credit"] >= red["strictest"]  # HSA was on in the ultra phase
-    assert red["headline"] > red["dense_head"] >= red["strictest"]
+    assert red["headline"] > red["dense_lm_head"] >= red["strictest"]
+
+
+def test_the_run_is_priced_at_the_tiles_the_planner_counts(study_out):
+    _, runs = study_out
+    r = runs["mst"]  # local_strided, window and stride 16, at 64 tokens: HSA on in the ultra phase
+    assert r["reduction"]["attention_tiles"] == pytest.approx(r["planned_conventions"]["attention_tiles"], rel=1e-12)
 
 
 def test_static_keeps_its_density_and_outputs_exist(study_out):
@@ -72,15 +71,11 @@ def test_static_keeps_its_density_and_outputs_exist(study_out):
 
 def test_report_measures_gaps_against_the_named_reference_arm(study_out, tmp_path):
     out, runs = study_out
-    sys.path.insert(0, BENCH)
-    try:
-        from _common import study_report
+    from study.report import study_report
 
-        text = study_report(out, str(tmp_path), reference="static", compare="dense")
-        with pytest.raises(ValueError, match="reference='dense_wsd'"):
-            study_report(out, str(tmp_path), reference="dense_wsd")
-    finally:
-        sys.path.remove(BENCH)
+    text = study_report(out, str(tmp_path), reference="static", compare="dense")
+    with pytest.raises(ValueError, match="reference='dense_wsd'"):
+        study_report(out, str(tmp_path), reference="dense_wsd")
     assert "gap to static (same seed)" in text and "val - dense" in text
     gap = (runs["mst"]["final"]["val"] - runs["static"]["final"]["val"]) / runs["static"]["final"]["val"] * 100
     mst_row = next(line for line in text.splitlines() if line.startswith("| mst | 0 |"))

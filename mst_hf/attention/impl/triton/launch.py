@@ -132,6 +132,32 @@ def plan_parts(spec, seq_len: int, launch: tuple = ()) -> tuple:
     return (Part(BLOCK_CAUSAL, NATURAL, T, c=c, group=c, n_sum=n_sum, bm=bm, bn=bn, bs=bs, **launch),)
 
 
+def _part_tiles(part) -> int:
+    """(query, key) entries of the tiles one part visits in its forward (the key ranges of the kernels'
+    ``_key_range``, plus the summary-key loop of ``fixed``); each tile counts ``BM x BN`` entries."""
+    total = 0
+    for m0 in range(0, part.n, part.bm):
+        lo = max(m0 - part.w + 1, 0) if part.mask == LOCAL else (m0 // part.group) * part.group
+        lo = (lo // part.bn) * part.bn
+        hi = min(m0 + part.bm, part.n)
+        total += len(range(lo, hi, part.bn)) * part.bm * part.bn
+        if part.n_sum:
+            summaries = min((m0 + part.bm - 1) // part.c, part.n_sum)
+            total += len(range(0, summaries, part.bs)) * part.bm * part.bs
+    return total
+
+
+@functools.cache
+def triton_tile_pairs(spec, seq_len: int) -> int | None:
+    """(query, key) entries this kernel computes for one sequence and head under ``spec`` (an ``HSASpec``): every
+    entry of every tile it visits, masked or not, from the same :func:`plan_parts` the launches use. ``None`` when
+    it does not compute that pattern (``dense``, or a head split). The one count of what the kernel really visits:
+    the FLOP conventions (:mod:`mst_hf.conventions`) and everything that prices attention at tiles read it here."""
+    if spec.pattern not in TRITON_PATTERNS or spec.head_split:
+        return None
+    return sum(_part_tiles(part) for part in plan_parts(spec, seq_len, tuple(LAUNCH.items())))
+
+
 @functools.lru_cache(maxsize=512)
 def _meta(part, dtype, head_dim):
     """Compile-time constants and launch options of `part` (cached: launches are host-bound at short lengths)."""

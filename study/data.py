@@ -1,12 +1,12 @@
 """Derive the study's data from a study-corpus build: a small byte-level BPE, re-encoded splits, a held-out domain.
 
-    python bench/study_data.py --corpus PATH/study-corpus --out .gpu/study
+    python -m study.data --corpus PATH/study-corpus --out .gpu/study
 
 ``--corpus`` is a folder with ``train.bin`` (or ``train.bin.xz``), ``val.bin`` and ``manifest.json``, as
-``bench/prepare_corpus.py`` writes them (GPT-2 ids, uint16, every document followed by ``<|endoftext|>``; both files
-hold the sources in manifest order). Why a new tokenizer: with GPT-2's 50k vocabulary the LM head of a model small
-enough to see >= 20 tokens per parameter in ~50M tokens holds most of its weights and FLOPs; a 4096-token BPE
-keeps the head near 30% of the training FLOPs (``bench/study.py`` prints the shares).
+``tools/corpus/prepare_corpus.py`` writes them (GPT-2 ids, uint16, every document followed by ``<|endoftext|>``;
+both files hold the sources in manifest order). Why a new tokenizer: with GPT-2's 50k vocabulary the LM head of a
+model small enough to see >= 20 tokens per parameter in ~50M tokens holds most of its weights and FLOPs; a
+4096-token BPE keeps the head near 30% of the training FLOPs (``python -m study`` prints the shares).
 
 Steps, all deterministic:
 
@@ -42,6 +42,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def load_tokens(path: str) -> np.ndarray:
+    """A uint16 token file (``.bin``, or ``.bin.xz`` decompressed in memory) as a numpy array."""
+    if path.endswith(".xz"):
+        with lzma.open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint16)
+    if not os.path.isfile(path) and os.path.isfile(path + ".xz"):
+        return load_tokens(path + ".xz")
+    return np.fromfile(path, dtype=np.uint16)
+
+
 def read_ids(folder: str, split: str) -> np.ndarray:
     """``split.bin`` or ``split.bin.xz`` of ``folder`` as uint16 ids."""
     path = os.path.join(folder, f"{split}.bin")
@@ -53,7 +63,7 @@ def read_ids(folder: str, split: str) -> np.ndarray:
             data = f.read()
     else:
         raise ValueError(f"`--corpus` {folder!r} has neither {split}.bin nor {split}.bin.xz; point it at a "
-                         "study-corpus build (bench/prepare_corpus.py's output folder).")
+                         "study-corpus build (tools/corpus/prepare_corpus.py's output folder).")
     return np.frombuffer(data, dtype=np.uint16)
 
 
@@ -223,7 +233,7 @@ def main(argv=None) -> int:
               f"({time.time() - t0:.0f}s)", flush=True)
     out = {
         "description": "study data: GPT-2-tokenised study corpus decoded and re-encoded with its own byte-level BPE",
-        "command": "python bench/study_data.py " + " ".join(
+        "command": "python -m study.data " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k not in ("corpus", "out", "gpt2_tokenizer")),
         "input": {"train_sha256": train_sha, "val_sha256": sha256_bytes(val_ids.tobytes()),
                   "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))},

@@ -1,0 +1,200 @@
+"""Training one arm of the study: the loop, its evaluations and the run's record.
+
+The loop is the one ``MSTController``'s docstring writes (``before_forward``, backward, ``after_backward``, optimizer
+step, ``after_optimizer_step``); the learning rate is :func:`mst_hf.schedule.lr_multiplier`; the FLOPs are the
+controller's own meter, and the run priced under every convention by :class:`study.pricing.ConventionMeters`.
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from mst_hf import MSTConfig, MSTController, model_flop_shapes
+from mst_hf.flops import dense_token_flops
+from mst_hf.io.formats import write_json
+from mst_hf.plan import convention_reductions
+from mst_hf.reporting import describe_hardware, package_versions
+from mst_hf.schedule import lr_multiplier
+
+from .arms import Study
+from .data import load_tokens
+from .pricing import ConventionMeters, flop_shares
+
+LR_FIELDS = ("lr_schedule", "lr_floor", "lr_decay_start")  # what a dense arm's overrides may set
+TRAIN_FIELDS = ("adam_beta2",)  # training-side overrides, not MSTConfig fields
+
+
+def lr_config(args, cfg: MSTConfig | None, overrides: dict, label: str) -> MSTConfig:
+    """The config whose ``lr_schedule`` gives the arm's learning rate (:func:`mst_hf.schedule.lr_multiplier`): a
+    sparse arm's own when it sets one; otherwise ``"cosine_floor"`` to ``--lr_floor``, with a dense arm's
+    learning-rate overrides on top (``"wsd"`` then decays from the default restoration start)."""
+    if cfg is not None and cfg.lr_schedule is not None:
+        return cfg
+    fields = {"lr_schedule": "cosine_floor", "lr_floor": args.lr_floor}
+    if cfg is None:
+        bad = sorted(set(overrides) - set(LR_FIELDS))
+        if bad:
+            raise ValueError(f"`--arm {label}=...`: a dense arm only takes the learning-rate overrides {LR_FIELDS} "
+                             f"(and {TRAIN_FIELDS}), got {bad}; set other fields on a sparse arm.")
+        fields.update(overrides)
+    return MSTConfig(hsa_pattern="dense", **fields)
+
+
+def warmup_steps(args) -> int:
+    """``--lr_warmup`` of the steps, at least one."""
+    return max(1, int(round(args.lr_warmup * args.steps)))
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch: int, autocast) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(blocks), batch):
+        x = blocks[i : i + batch].long()
+        with autocast():
+            total += float(model(input_ids=x, labels=x).loss) * len(x)
+    model.train()
+    return total / max(1, len(blocks))
+
+
+def blocks_of(ids, seq_len: int, device, limit: int | None = None) -> torch.Tensor:
+    n = len(ids) // seq_len if limit is None else min(limit, len(ids) // seq_len)
+    return torch.from_numpy(np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)).to(device)
+
+
+def extra_val_blocks(args, device) -> dict[str, torch.Tensor]:
+    if not args.extra_val:
+        return {}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(args.data, "tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    out = {}
+    for spec in args.extra_val:
+        name, _, path = spec.partition("=")
+        if not name or not os.path.isfile(path):
+            raise ValueError(f"`--extra_val {spec}` must read NAME=PATH of an existing text file.")
+        with open(path, encoding="utf-8") as f:
+            ids = tok.encode(f.read(), add_special_tokens=False).ids + [eot]
+        out[name] = blocks_of(ids, args.seq_len, device)
+    return out
+
+
+def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Study, out_path: str = "") -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cuda":
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        def autocast():
+            return torch.autocast("cpu", enabled=False)
+    if args.hsa_backend:
+        os.environ["MST_HSA_BACKEND"] = args.hsa_backend
+    t_start = time.time()
+    train = blocks_of(load_tokens(os.path.join(args.data, "train.bin")), args.seq_len, device)
+    needed = args.steps * args.batch
+    if needed > len(train):
+        raise ValueError(f"{args.steps} steps x {args.batch} sequences need {needed} blocks of {args.seq_len} "
+                         f"tokens; the training split has {len(train)}. Lower --steps.")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:needed].to(device)
+    evals = {s: blocks_of(load_tokens(os.path.join(args.data, f"{s}.bin")), args.seq_len, device)
+             for s in ("val", "heldout")}
+    curve_sets = {s: b[: args.curve_blocks] for s, b in evals.items()}
+    extra = extra_val_blocks(args, device)
+
+    # training-side overrides: Adam's beta2, e.g. HF's default 0.999 instead of 0.95
+    beta2 = float(overrides.get("adam_beta2", 0.95))
+    mst_overrides = {k: v for k, v in overrides.items() if k not in TRAIN_FIELDS}
+    mcfg, cfg, delay = study.arm(base, seed, mst_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(mcfg, attn_implementation="sdpa").to(device)
+    ctl = MSTController(model, cfg) if cfg is not None else None
+    fm = ctl.flops.flop_model if ctl is not None else model_flop_shapes(model, MSTConfig(hsa_pattern="dense"))
+    pricing = ConventionMeters(fm)
+    meter = ctl.flops if ctl is not None else pricing.meters["headline"]  # the run's counted FLOPs
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, beta2), fused=device.type == "cuda")
+    lr_cfg, warm = lr_config(args, cfg, mst_overrides, label), warmup_steps(args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_multiplier(t, args.steps, lr_cfg, warm))
+    total_sched = args.steps - delay
+    eval_steps = set(np.linspace(0, args.steps, args.evals + 1).round().astype(int).tolist()[1:])
+    n_active_sum = 0
+    curve = [{"step": 0, "tokens": 0, "flops": 0.0,
+              **{s: evaluate(model, b, args.eval_batch, autocast) for s, b in curve_sets.items()}}]
+    train_time, t_prev, losses = 0.0, time.time(), []
+    non_target = fm.n_params - (sum(m.numel() for m in ctl.masks.masks.values()) if ctl is not None else 0)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters()
+                        if not n.startswith(("transformer.wte", "transformer.wpe")))
+    # the library's plan-based conventions (mst_hf.conventions) of an undelayed sparse arm
+    planned = None
+    if cfg is not None and delay == 0:
+        planned = convention_reductions(fm, cfg, args.steps, args.batch * args.seq_len, args.seq_len)
+
+    def snapshot(steps_done: int, final: dict | None) -> dict:
+        """The run's record after ``steps_done`` steps (``final`` evaluations only at the end)."""
+        tokens = steps_done * args.batch * args.seq_len
+        base_dense = tokens * dense_token_flops(study.base_fm, args.seq_len)
+        conventions = pricing.totals()
+        return {
+            "label": label, "arm": base, "overrides": overrides, "seed": seed, "rung": args.rung,
+            "complete": final is not None,
+            "model": {"n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "n_head": mcfg.n_head,
+                      "vocab": mcfg.vocab_size, "non_embedding_params": non_embedding, "matmul_params": fm.n_params,
+                      "mean_active_matmul_params": non_target + n_active_sum / max(1, steps_done),
+                      "flop_shares": flop_shares(fm, args.seq_len)},
+            "mst_config": cfg.mst_dict() if cfg is not None else None, "schedule_delay_steps": delay,
+            "steps": steps_done, "planned_steps": args.steps, "tokens": tokens,
+            "counted_flops": float(meter.total_flops), "base_dense_flops": float(base_dense),
+            "reduction": {k: None if v is None else base_dense / v if v else 1.0 for k, v in conventions.items()},
+            "conventions_flops": conventions, "planned_conventions": planned,
+            "final": final, "curve": curve, "train_loss": losses,
+            "final_sparsity": ctl.masks.sparsity() if ctl is not None else 0.0,
+            "topology_updates": len(ctl.history) if ctl is not None else 0,
+            "wall_train_s": train_time, "wall_total_s": time.time() - t_start,
+            "hardware": describe_hardware(), "versions": package_versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+
+    for step in range(args.steps):
+        x = train[order[step * args.batch : (step + 1) * args.batch]].long()
+        s = max(0, step - delay)
+        if ctl is not None:
+            ctl.before_forward(s, total_sched, {"input_ids": x})
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        if ctl is not None:
+            n_active_sum += sum(ctl.masks.active(n) for n in ctl.masks.masks)
+            # priced as the controller's meter counts the step: the masks it ran with, before the update
+            pricing.step(args.batch, args.seq_len, ctl.masks, bool(ctl.hsa_on), ctl.is_update_step(s, total_sched))
+            ctl.after_backward(s, total_sched, opt)
+        else:
+            pricing.step(args.batch, args.seq_len)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ctl is not None:
+            ctl.after_optimizer_step()
+        sched.step()
+        if (step + 1) % max(1, args.steps // 50) == 0:
+            losses.append((step + 1, float(loss.detach())))
+        if step + 1 in eval_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.time() - t_prev
+            curve.append({"step": step + 1, "tokens": (step + 1) * args.batch * args.seq_len,
+                          "flops": float(meter.total_flops),
+                          **{k: evaluate(model, b, args.eval_batch, autocast) for k, b in curve_sets.items()}})
+            print(f"[{label} s{seed}] step {step + 1}/{args.steps} val {curve[-1]['val']:.4f} heldout "
+                  f"{curve[-1]['heldout']:.4f} ({train_time:.0f}s)", flush=True)
+            if out_path:  # a run stopped by the launcher's budget still leaves its curve
+                write_json(out_path, snapshot(step + 1, None))
+            t_prev = time.time()
+    limit = args.final_blocks or None
+    final = {k: evaluate(model, b[:limit], args.eval_batch, autocast) for k, b in {**evals, **extra}.items()}
+    return snapshot(args.steps, final)
