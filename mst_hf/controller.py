@@ -70,16 +70,16 @@ class MSTController:
         self.hsa_density = 1.0  # attended / causal pairs of the sparse layers at the last batch's length (1.0: dense)
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
-        if initialize_masks and mst_config.initial_sparsity > 0:
-            self._random_initial_masks(mst_config.initial_sparsity)
         self.weight_kernels = None
-        if mst_config.weight_kernels != "dense":
+        if mst_config.weight_kernels != "dense":  # before any weight is pruned: its checks may refuse the run
             from .weight_kernels import WeightKernels
 
             self._refuse_sharded_kernels(self.masks.params.values())
 
             self.weight_kernels = WeightKernels(unwrap_model(model), self.targets, self.masks, self.block,
                                                 mst_config.weight_kernels)
+        if initialize_masks and mst_config.initial_sparsity > 0:
+            self._random_initial_masks(mst_config.initial_sparsity)
         if mst_config.hsa_pattern != "dense":
             self._setup_hsa()
 
