@@ -126,3 +126,20 @@ def test_field_set_after_construction_is_validated_and_the_old_value_kept():
     assert cfg.ultra_sparsity == 0.9
     cfg.ultra_sparsity = 0.8
     assert cfg.ultra_sparsity == 0.8 and MSTConfig.from_dict(cfg.to_dict()).ultra_sparsity == 0.8
+
+
+def test_misspelt_key_in_a_saved_config_is_refused_by_every_reader(tmp_path):
+    """`ultra_sparsty` in mst_config.json would train at the default 0.9: from_pretrained, the planner's --config
+    and the checkpoint reader refuse it as the constructor does; save information and other extra keys still load."""
+    from mst_hf.io.records import read_mst_config
+    from mst_hf.plan import load_mst_config
+
+    MSTConfig(ultra_sparsity=0.8).save_pretrained(tmp_path, extra={"saved_at_step": 3, "run_name": "a"})
+    assert MSTConfig.from_pretrained(tmp_path).ultra_sparsity == 0.8
+    path = tmp_path / MST_CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ultra_sparsty": 0.5}))
+    for read in (MSTConfig.from_pretrained, load_mst_config, read_mst_config):
+        with pytest.raises((TypeError, ValueError), match=r"unknown key `ultra_sparsty`=0\.5; did you mean "
+                                                          r"`ultra_sparsity`") as info:
+            read(str(tmp_path))
+        assert MST_CONFIG_NAME in str(info.value)
