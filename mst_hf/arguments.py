@@ -14,7 +14,6 @@ None takes ``none`` (or ``null``, any case) for None (``--mst_lm_head_max_sparsi
 (:func:`file_values`).
 """
 
-import copy
 import dataclasses
 import json
 import typing
@@ -23,7 +22,7 @@ from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .config import PRESETS, MSTConfig
-from .presets import DEFAULT_PRESET
+from .presets import DEFAULT_PRESET, preset_fields
 from .targets import layer_sparsities
 
 logger = logging.get_logger(__name__)
@@ -250,9 +249,8 @@ def to_mst_config(args, max_steps: int | None = None, block_size: int | None = N
     preset = named or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ValueError(f"`--{PRESET_FLAG}` must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = copy.deepcopy(PRESETS[preset])
     given = given_values(args)
-    fields.update(given)
+    fields = preset_fields(preset, given)  # warns when a constant-sparsity preset gets one sparsity of three
     for name, value in run_scaled_defaults(max_steps, block_size).items():
         if name not in given:  # presets are written for long runs at 1024 tokens: scaled to this run too
             fields[name] = value

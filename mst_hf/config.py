@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 
 from . import recipe, schedule
 from .attention.patterns import HSASpec
-from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS, preset_fields  # noqa: F401 (PRESETS: public)
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
@@ -309,11 +309,7 @@ class MSTConfig(PretrainedConfig):
     def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "MSTConfig":
         """A named recipe (see ``PRESETS``; by default ``DEFAULT_PRESET``, the study's best), with any field
         overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
-        fields = copy.deepcopy(PRESETS[name])
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**preset_fields(name, overrides))
 
     # ------------------------------------------------------------------ (de)serialisation under mst_config.json
     def mst_dict(self) -> dict[str, Any]:

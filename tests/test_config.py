@@ -143,3 +143,23 @@ def test_misspelt_key_in_a_saved_config_is_refused_by_every_reader(tmp_path):
                                                           r"`ultra_sparsity`") as info:
             read(str(tmp_path))
         assert MST_CONFIG_NAME in str(info.value)
+
+
+def test_one_sparsity_override_of_a_constant_preset_warns_with_the_schedule_it_makes(caplog):
+    import logging
+
+    from mst_hf.arguments import MSTArguments, to_mst_config
+
+    with caplog.at_level(logging.WARNING):
+        cfg = MSTConfig.from_preset("mst-recommended", ultra_sparsity=0.9)
+    assert (cfg.initial_sparsity, cfg.ultra_sparsity, cfg.final_sparsity) == (0.8, 0.9, 0.8)
+    assert ("leaves initial_sparsity, final_sparsity at the preset's 0.8, so the schedule is now 0.8 -> 0.9 -> 0.8"
+            in caplog.text and "set initial_sparsity, ultra_sparsity and final_sparsity together" in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the example's flags go through the same merge
+        to_mst_config(MSTArguments(mst_preset="mst-recommended", mst_final_sparsity=0.5))
+        assert "schedule is now 0.8 -> 0.8 -> 0.5" in caplog.text
+        caplog.clear()
+        MSTConfig.from_preset("mst-recommended", initial_sparsity=0.9, ultra_sparsity=0.9, final_sparsity=0.9)
+        MSTConfig.from_preset("mst-3phase", ultra_sparsity=0.8)  # a schedule already: nothing surprising
+    assert "MST preset" not in caplog.text
