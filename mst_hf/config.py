@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from . import recipe, schedule
 from .attention.patterns import HSASpec
 from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS, preset_fields  # noqa: F401 (PRESETS: public)
+from .regex_safety import check_pattern
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
@@ -261,6 +262,8 @@ class MSTConfig(PretrainedConfig):
                 raise TypeError(
                     f"`{name}` must be None, a regex string or a list of module-name suffixes, got {value!r}."
                 )
+            if isinstance(value, str):
+                check_pattern(name, value)
         if not isinstance(self.sparsify_lm_head, bool):
             raise TypeError(f"`sparsify_lm_head` must be True or False, got {self.sparsify_lm_head!r}.")
         if not _is_int(self.seed):

@@ -27,6 +27,8 @@ INVALID = [
     ("sparsity_distribution", "erk", ValueError),
     ("target_modules", [1, 2], TypeError),
     ("exclude_modules", 5, TypeError),
+    ("target_modules", "(q|k", ValueError),  # not a regex
+    ("exclude_modules", "(.*)*Z", ValueError),  # catastrophic backtracking: would not return on a long name
     ("sparsify_lm_head", "yes", TypeError),
     ("seed", 1.5, TypeError),
     ("hsa_pattern", "bigbird", ValueError),
