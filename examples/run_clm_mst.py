@@ -56,7 +56,7 @@ import evaluate  # noqa: E402
 from datasets import DatasetDict, load_dataset, load_from_disk  # noqa: E402
 
 from mst_hf import MSTTrainer, reporting  # noqa: E402  # MST
-from mst_hf.arguments import mst_arguments_dataclass, to_mst_config  # noqa: E402  # MST
+from mst_hf.arguments import file_values, mst_arguments_dataclass, to_mst_config  # noqa: E402  # MST
 from mst_hf.embedded import embedded_tokenizer, load_embedded_dataset  # noqa: E402  # MST
 from mst_hf.metrics import TOKEN_ACCURACY_PATH  # noqa: E402  # MST
 
@@ -196,7 +196,7 @@ def parse_arguments(argv: list[str] | None = None):
     defaults = dict(EXAMPLE_DEFAULTS)  # MST: this script's defaults
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as f:
-            given = json.load(f)
+            given = file_values(json.load(f))  # MST: `null` for an mst_ field means None, as `none` on the CLI
         mst_args, model_args, data_args, training_args = parser.parse_dict(_with_defaults(defaults, given))
     else:
         flags = {arg.split("=")[0].lstrip("-").replace("-", "_"): None for arg in argv if arg.startswith("--")}

@@ -9,7 +9,10 @@ actually given.
 
 On the command line a value that is not a single number, bool or word is written as text: lists comma-separated
 (``--mst_target_modules c_attn,c_fc``, ``--mst_hsa_layers 0,2``), a per-phase grow method as
-``warmup=gradient,ultra=mixed,restoration=gradient``; a field with no such rule takes JSON.
+``warmup=gradient,ultra=mixed,restoration=gradient``; a field with no such rule takes JSON. A flag whose field may be
+None takes ``none`` (or ``null``, any case) for None (``--mst_lm_head_max_sparsity none``: no cap;
+``--mst_target_modules none``: the model type's default), and so does ``null`` in a JSON arguments file
+(:func:`file_values`).
 """
 
 import dataclasses
@@ -44,6 +47,12 @@ def _phase_methods(value: str):
     """``gradient`` or ``warmup=gradient,ultra=mixed,restoration=gradient``."""
     if "=" not in value:
         return value
+    bare = [item for item in _items(value) if "=" not in item]
+    if bare:
+        raise ValueError(
+            f"`--{PREFIX}grow_method` takes one method (gradient, random or mixed) or phase=method pairs such as "
+            f"warmup=gradient,ultra=mixed,restoration=gradient, got {value!r}: {bare[0]!r} has no `=method`."
+        )
     pairs = [item.split("=", 1) for item in _items(value)]
     return {phase.strip(): method.strip() for phase, method in pairs}
 
@@ -94,6 +103,23 @@ def _optional_number(name: str, kind: type):
     return parse
 
 
+def _nullable(annotation) -> bool:
+    """Whether a field of this type may be None (its flag then takes ``none`` / ``null``)."""
+    return type(None) in typing.get_args(annotation)
+
+
+def _is_none_text(value) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("none", "null")
+
+
+def file_values(given: dict) -> dict:
+    """The values of a JSON arguments file, with a ``null`` for an ``mst_`` flag whose field may be None written as
+    the text ``none``: it sets the field to None, as ``--mst_<field> none`` does, where a flag left out of the file
+    leaves the preset's value (both would otherwise read as an unset flag)."""
+    nullable = {PREFIX + f.name for f in config_fields() if _nullable(f.type)}
+    return {k: "none" if v is None and k in nullable else v for k, v in given.items()}
+
+
 def _optional_number_kind(annotation) -> type | None:
     """``float`` for ``float | None`` (``int`` likewise); else None."""
     args = typing.get_args(annotation)
@@ -133,8 +159,8 @@ def as_text(value) -> str:
 def _help(field: dataclasses.Field, default) -> str:
     text = field.metadata.get("help", "").rstrip()
     text += f" Default: {as_text(default)}"
-    if _optional_number_kind(field.type) is not None:
-        text += " (`none` unsets it)"
+    if _nullable(field.type):
+        text += " (`none`: None)"
     if field.name in RUN_SCALED:
         text += f"; when unset, scaled to the run ({RUN_SCALED[field.name]})"
     # '%(default).0s' prints nothing; its presence stops HfArgumentParser's formatter from appending
@@ -181,6 +207,9 @@ def given_values(args) -> dict:
     for f in config_fields():
         value = getattr(args, PREFIX + f.name, None)
         if value is None:
+            continue
+        if _nullable(f.type) and _is_none_text(value):  # `none` / `null`: the field's None, as in MSTConfig
+            values[f.name] = None
             continue
         parser = text_parser(f)
         values[f.name] = parser(value) if parser is not None and isinstance(value, str) else value

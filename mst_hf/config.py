@@ -11,7 +11,8 @@ from transformers import PretrainedConfig
 
 from . import recipe, schedule
 from .attention.patterns import HSASpec
-from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_GROW_METHOD, DEFAULT_PRESET, PRESETS, preset_fields  # noqa: F401 (PRESETS: public)
+from .regex_safety import check_pattern
 
 MST_CONFIG_NAME = "mst_config.json"
 GROW_METHODS = ("gradient", "random", "mixed")
@@ -261,6 +262,8 @@ class MSTConfig(PretrainedConfig):
                 raise TypeError(
                     f"`{name}` must be None, a regex string or a list of module-name suffixes, got {value!r}."
                 )
+            if isinstance(value, str):
+                check_pattern(name, value)
         if not isinstance(self.sparsify_lm_head, bool):
             raise TypeError(f"`sparsify_lm_head` must be True or False, got {self.sparsify_lm_head!r}.")
         if not _is_int(self.seed):
@@ -309,11 +312,7 @@ class MSTConfig(PretrainedConfig):
     def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "MSTConfig":
         """A named recipe (see ``PRESETS``; by default ``DEFAULT_PRESET``, the study's best), with any field
         overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
-        fields = copy.deepcopy(PRESETS[name])
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**preset_fields(name, overrides))
 
     # ------------------------------------------------------------------ (de)serialisation under mst_config.json
     def mst_dict(self) -> dict[str, Any]:
@@ -350,7 +349,7 @@ class MSTConfig(PretrainedConfig):
         """Load ``mst_config.json`` from a folder (or a Hub repo, when reachable); keyword arguments override."""
         kwargs.pop("_configuration_file", None)
         config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, _configuration_file=MST_CONFIG_NAME)
-        data = {k: v for k, v in config_dict.items() if k in _MST_FIELDS}
+        data = saved_fields(config_dict, os.path.join(str(pretrained_model_name_or_path), MST_CONFIG_NAME))
         data.update(kwargs)
         return cls(**data)
 
@@ -373,13 +372,26 @@ _MST_FIELDS = frozenset(
 _GENERIC_KEYWORDS = frozenset(PretrainedConfig().to_dict()) | {"torch_dtype", "num_labels", "name_or_path"}
 
 
-def _refuse_unknown_keywords(kwargs: dict) -> None:
+SAVE_INFO_KEYS = frozenset({"model_type", "saved_at_step", "total_steps", "saved_in_phase", "hsa_active"})
+
+
+def saved_fields(data: dict, source: str) -> dict:
+    """The MST fields of a saved ``mst_config.json`` (every reader's door). A key close to a field's name is a misspelt
+    field, which would train with its default: refused; other keys are save information or ``extra`` entries."""
+    _refuse_unknown_keywords({k: v for k, v in data.items() if k not in _MST_FIELDS | SAVE_INFO_KEYS}, source, True)
+    return {k: v for k, v in data.items() if k in _MST_FIELDS}
+
+
+def _refuse_unknown_keywords(kwargs: dict, source: str | None = None, typos_only: bool = False) -> None:
     """A keyword that is neither an MST field nor a generic config key is a typo: refuse it (PretrainedConfig
-    would store it silently and keep the default of the field that was meant)."""
-    unknown = sorted(k for k in kwargs if k not in _GENERIC_KEYWORDS and not k.startswith("_"))
+    would store it silently and keep the default of the field that was meant). With ``typos_only`` (a file, named
+    by ``source``, may hold other entries) only a key close to a field's name."""
+    close = {k: difflib.get_close_matches(k, sorted(_MST_FIELDS), n=1) for k in kwargs
+             if k not in _GENERIC_KEYWORDS and not k.startswith("_")}
+    unknown = sorted(k for k in close if close[k] or not typos_only)
     if not unknown:
         return
     name = unknown[0]
-    close = difflib.get_close_matches(name, sorted(_MST_FIELDS), n=1)
-    hint = f"did you mean `{close[0]}`?" if close else f"the MST fields are {sorted(_MST_FIELDS)}."
-    raise TypeError(f"MSTConfig got an unknown keyword `{name}`={kwargs[name]!r}; {hint}")
+    hint = f"did you mean `{close[name][0]}`?" if close[name] else f"the MST fields are {sorted(_MST_FIELDS)}."
+    what = "MSTConfig got an unknown keyword" if source is None else f"{source} holds the unknown key"
+    raise TypeError(f"{what} `{name}`={kwargs[name]!r}; {hint}")

@@ -76,6 +76,8 @@ class MSTController:
                                       mst_config.final_sparsity))
         # tile side of block-structured masks (None: unstructured); counts in update records are then tiles
         self.block: int | None = mst_config.block_size if mst_config.sparsity_structure == "block" else None
+        if self.block is not None:
+            self._refuse_tiles_that_cannot_hold_the_sparsity()
         self.history: list[dict] = []  # one record per topology update
         self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
@@ -83,16 +85,16 @@ class MSTController:
         self.hsa_density = 1.0  # attended / causal pairs of the sparse layers at the last batch's length (1.0: dense)
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
-        if initialize_masks and mst_config.initial_sparsity > 0:
-            self._random_initial_masks(mst_config.initial_sparsity)
         self.weight_kernels = None
-        if mst_config.weight_kernels != "dense":
+        if mst_config.weight_kernels != "dense":  # before any weight is pruned: its checks may refuse the run
             from .weight_kernels import WeightKernels
 
             self._refuse_sharded_kernels(self.masks.params.values())
 
             self.weight_kernels = WeightKernels(unwrap_model(model), self.targets, self.masks, self.block,
                                                 mst_config.weight_kernels)
+        if initialize_masks and mst_config.initial_sparsity > 0:
+            self._random_initial_masks(mst_config.initial_sparsity)
         if mst_config.hsa_pattern != "dense":
             self._setup_hsa()
 
@@ -103,6 +105,30 @@ class MSTController:
                 f"weight_kernels={self.config.weight_kernels!r} does not run on FSDP2-sharded weights. Set "
                 "`weight_kernels='dense'` to train with FSDP2."
             )
+
+    def _refuse_tiles_that_cannot_hold_the_sparsity(self) -> None:
+        """Block masks switch whole tiles (edge tiles of a side ``block_size`` does not divide are partial). A target
+        with a side shorter than a tile is one tile, all on or all off; one whose share at the peak sparsity rounds
+        to no tile is pruned entirely. Either trains another sparsity than configured: refused before any pruning."""
+        cfg, block = self.config, self.block
+        peak = max(cfg.initial_sparsity, cfg.ultra_sparsity, cfg.final_sparsity)
+        for name, density in self.target_densities(peak).items():
+            t = self.targets[name]
+            if min(t.n_in, t.n_out) < block:
+                raise ValueError(
+                    f"`block_size={block}` is larger than the target `{t.module_name}` ({t.n_in}x{t.n_out}): its mask "
+                    "would be one tile, all on or all off. Set `block_size` to a divisor of the layers' sides (at "
+                    f"most {min(t.n_in, t.n_out)}), leave the layer out with `exclude_modules`, or use "
+                    "`sparsity_structure='unstructured'`."
+                )
+            rows, cols = topology.block_grid((t.n_in, t.n_out), block)
+            if topology.active_tiles((t.n_in, t.n_out), block, density) == 0:
+                raise ValueError(
+                    f"`block_size={block}` leaves the target `{t.module_name}` ({t.n_in}x{t.n_out}, {rows * cols} "
+                    f"tiles) no active tile at sparsity {peak}: its share, density {density:.3f}, is "
+                    f"{density * rows * cols:.2f} tiles, so the layer would be all zero. Use a smaller `block_size`, "
+                    "a lower sparsity, or leave the layer out with `exclude_modules`."
+                )
 
     def follow_params(self) -> None:
         """Re-point targets and masks at the modules' current weights. FSDP2's ``fully_shard`` (which

@@ -15,12 +15,10 @@ plan the same recipe for the same run:
    or given by the user is never dropped: it fails with the allocation's error.
 """
 
-import copy
-
 from transformers.utils import logging
 
 from .config import MSTConfig
-from .presets import DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_PRESET, preset_fields
 
 logger = logging.get_logger(__name__)
 
@@ -50,13 +48,9 @@ def run_config(preset: str | None = None, given: dict | None = None, max_steps: 
     """The `MSTConfig` of a run: ``preset`` (``None``: ``DEFAULT_PRESET``), then the values scaled to ``max_steps``
     optimizer steps of ``seq_len``-token sequences, then the fields in ``given``; see the module docstring.
     ``model`` (its shapes only: a ``meta``-device model will do) lets an infeasible default head cap be dropped."""
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
     given = dict(given or {})
-    fields = copy.deepcopy(PRESETS[name])
+    fields = preset_fields(preset or DEFAULT_PRESET, given)  # warns when a constant preset gets one sparsity of 3
     fields.update({k: v for k, v in run_scaled_defaults(max_steps, seq_len).items() if k not in given})
-    fields.update(given)
     config = MSTConfig(**fields)
     if model is not None and preset is None and "lm_head_max_sparsity" not in given:
         _drop_infeasible_head_cap(config, model)

@@ -311,9 +311,7 @@ def convention_reductions(flop_model: FlopModel, mst_config, total_steps: int, t
 
 def load_mst_config(path: str):
     """An :class:`~mst_hf.MSTConfig` from an ``mst_config.json`` file (any name) or the folder holding one."""
-    from transformers import PretrainedConfig
-
-    from .config import MST_CONFIG_NAME, MSTConfig
+    from .config import MST_CONFIG_NAME, MSTConfig, saved_fields
 
     if os.path.isdir(path):
         path = os.path.join(path, MST_CONFIG_NAME)
@@ -321,8 +319,7 @@ def load_mst_config(path: str):
         raise ValueError(f"`--config` {path!r} is not an MST config file, nor a folder with {MST_CONFIG_NAME}.")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    fields = set(MSTConfig.__dataclass_fields__) - set(PretrainedConfig.__dataclass_fields__)
-    return MSTConfig(**{k: v for k, v in data.items() if k in fields})
+    return MSTConfig(**saved_fields(data, path))
 
 
 def _parser() -> argparse.ArgumentParser:

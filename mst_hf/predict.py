@@ -16,7 +16,6 @@ the optimizer are not, so the whole-step speed-up is smaller (``other_ms`` gives
 """
 
 import math
-import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -219,14 +218,17 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
         raise ValueError(f"`micro_batch_tokens` must be a positive int, got {micro_batch_tokens!r}.")
     if other_ms is not None and not (isinstance(other_ms, (int, float)) and other_ms >= 0):
         raise ValueError(f"`other_ms` must be a non-negative number of milliseconds, got {other_ms!r}.")
-    if table_path is not None and not os.path.isfile(table_path):
-        raise ValueError(f"`table_path` (--kernel-table) {table_path!r} is not a file; pass a break-even JSON written "
-                         "by bench/blocksparse_linear.py, or leave it out to read the shipped table.")
     path = default_table_path(table_path)
+    try:  # the one validating reader, as the controller's: a missing or malformed table fails here
+        tables = load_table(table_path)
+    except ValueError as err:
+        if table_path is None:
+            raise
+        raise ValueError(f"`table_path` (--kernel-table): {err}") from err
     cfg = SimpleNamespace(**mst_config.mst_dict()) if hasattr(mst_config, "mst_dict") else mst_config
     tokens = plan.tokens_per_step / gpus
     micro = micro_batch_tokens or max(1, plan.tokens_per_step // gpus)
-    table = load_table(path).get(normalize_device_name(device_name)) or {}
+    table = tables.get(normalize_device_name(device_name)) or {}
     rows = table.get("measurements", [])
     timing = None
     notes = []
@@ -236,7 +238,7 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
         notes.append(f"Per-layer times at {rows[0]['tokens']} tokens scaled linearly to {tokens:g} tokens per GPU "
                      "per step and to each layer's size; densities below the smallest measured use its time.")
     else:
-        known = ", ".join(sorted(load_table(path))) or "none"
+        known = ", ".join(sorted(tables)) or "none"
         notes.append(f"No measurement for GPU {device_name!r} in {path} (GPUs there: {known}): matmul times are not "
                      "predicted" + (", and weight_kernels='auto' keeps every layer dense there (1.00x)."
                                     if cfg.weight_kernels == "auto" else "."))

@@ -4,9 +4,15 @@ Each entry is a plain dict of `MSTConfig` fields (validated when the config is b
 ``docs/concepts.md``. A preset spells out what it depends on, so it keeps its meaning when defaults change.
 """
 
+import copy
 from typing import Any
 
+from transformers.utils import logging
+
 from . import schedule
+
+logger = logging.get_logger(__name__)
+SPARSITIES = ("initial_sparsity", "ultra_sparsity", "final_sparsity")
 
 DEFAULT_GROW_METHOD = {schedule.WARMUP: "gradient", schedule.ULTRA: "mixed", schedule.RESTORATION: "gradient"}
 
@@ -118,3 +124,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_STUDY_FIXES,
     ),
 }
+
+
+def preset_fields(name: str, overrides: dict) -> dict:
+    """The fields of preset `name` with `overrides` applied (``MSTConfig.from_preset`` and the example's flags).
+
+    Overriding some but not all of the three sparsities of a constant-sparsity preset (``mst-recommended``,
+    ``rigl-0.9``) turns it into a warm-up/restoration schedule around the preset's value: legitimate, but rarely
+    what was meant, so it is logged as a warning that says what the schedule now is and how to keep it constant."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown MST preset {name!r}; available presets: {sorted(PRESETS)}.")
+    preset = PRESETS[name]
+    fields = {**copy.deepcopy(preset), **overrides}
+    given = [f for f in SPARSITIES if f in overrides]
+    constant = all(f in preset for f in SPARSITIES) and len({preset[f] for f in SPARSITIES}) == 1
+    if constant and given and len({fields[f] for f in SPARSITIES}) > 1:
+        kept = [f for f in SPARSITIES if f not in given]
+        logger.warning(
+            "MST preset %r trains at constant sparsity %s; overriding only %s leaves %s at the preset's %s, so the "
+            "schedule is now %s (initial -> ultra -> final). For constant sparsity set initial_sparsity, "
+            "ultra_sparsity and final_sparsity together.", name, preset["ultra_sparsity"], ", ".join(given),
+            ", ".join(kept), preset["ultra_sparsity"], " -> ".join(str(fields[f]) for f in SPARSITIES))
+    return fields

@@ -157,11 +157,41 @@ def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
             f"exclude_modules={mst_config.exclude_modules!r}, sparsify_lm_head={mst_config.sparsify_lm_head!r}. "
             "Set `target_modules` to the names of its nn.Linear/Conv1D projections."
         )
+    _refuse_head_only(inner, found, mst_config, model_type)
+    cap = getattr(mst_config, "lm_head_max_sparsity", None)
+    if cap is not None and not any(t.is_lm_head for t in targets.values()):
+        logger.warning(
+            "lm_head_max_sparsity=%s caps the LM head's sparsity, but the head of this %s is not a target "
+            "(exclude_modules=%r, or frozen, or no output embedding): the cap has no effect and the head stays dense. "
+            "Set lm_head_max_sparsity=None, or stop excluding the head.", cap, type(inner).__name__,
+            mst_config.exclude_modules)
     for t in targets.values():
         if not t.param.dtype.is_floating_point:
             raise TypeError(f"Target weight `{t.name}` has dtype {t.param.dtype}; MST needs floating-point weights "
                             "(quantised models are not supported: exclude it with `exclude_modules`).")
     return targets
+
+
+def _refuse_head_only(model: nn.Module, found: dict, mst_config, model_type) -> None:
+    """Targets that leave only the LM head (names of another architecture, an exclusion of everything else) would
+    train the model at full density but for its head and report the head's sparsity as the model's: refused, unless
+    the head is named in `target_modules` itself (sparsifying only the head on purpose)."""
+    include = mst_config.target_modules
+    include = DEFAULT_TARGET_MODULES.get(model_type) if include is None else include
+    if not found or any(not t.is_lm_head for t in found.values()) or include is None:
+        return
+    if any(_matches(t.module_name, include) for t in found.values()):
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, (nn.Linear, Conv1D)) and m is not head)
+    raise ValueError(
+        f"MST would sparsify only the LM head of this {type(model).__name__} (model_type={model_type!r}): "
+        f"target_modules={mst_config.target_modules!r} (in use: {include!r}) with "
+        f"exclude_modules={mst_config.exclude_modules!r} matches none of its projections, which are named "
+        f"{list(names)}. Set `target_modules` to some of those (or None for the model type's default), or name the "
+        "head itself in `target_modules` to sparsify only the head."
+    )
 
 
 def layer_sparsities(model: nn.Module, mst_config, sparsity: float) -> dict[str, float]:

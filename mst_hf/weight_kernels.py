@@ -9,7 +9,12 @@ Between the pure masks and the controller: :class:`WeightKernels` puts each targ
    block kernel computes ``dW`` on active tiles only. After the update the new masks are installed.
 3. ``"auto"`` asks :func:`mst_hf.kernels.choose_kernel` (a measured break-even table per GPU, shape, tile side and
    density): a layer at low sparsity (warm-up, restoration) stays dense where the block kernel would be slower.
-   ``"block"`` forces the kernel wherever rule 1 allows (CPU included: Triton's interpreter, for tests).
+   ``"block"`` forces the kernel wherever rule 1 allows (CPU included: Triton's interpreter, for tests). ``"auto"``
+   never picks it for a weight off CUDA or without triton.
+
+Construction refuses what would otherwise fail or do nothing later: ``"block"`` without triton, a missing or
+malformed break-even table for ``"auto"``, a ``block_size`` that divides no target's shape (and warns about the
+targets it does not divide: they run dense).
 
 Decisions change only when masks do (at updates, or after loading masks: both replace the mask tensors, which is
 what is checked), so a normal step costs a loop of identity checks here.
@@ -27,10 +32,40 @@ class WeightKernels:
 
     def __init__(self, model, targets, masks, block: int, mode: str):
         self.model, self.targets, self.masks, self.block, self.mode = model, targets, masks, block, mode
+        self._check(targets, block, mode)
         self.choice: dict[str, str] = {}  # parameter name -> "block" | "dense"
         self._dirty = True
         self._dense_step = False
         self._installed: dict = {}
+
+    @staticmethod
+    def _check(targets, block: int, mode: str) -> None:
+        """What would only show at the first step, refused (or warned about) now: no triton for ``"block"``, a
+        malformed break-even table for ``"auto"``, target shapes the tile side does not divide."""
+        from .kernels import dispatch
+
+        if mode == "block" and not dispatch.triton_installed():
+            raise NotImplementedError(
+                "`weight_kernels='block'` runs the Triton block-sparse kernels, but triton is not installed: install "
+                "triton (CUDA GPUs), or set `weight_kernels='dense'` (or 'auto', which stays dense where the block "
+                "kernel cannot run)."
+            )
+        if mode == "auto":
+            dispatch.load_table()  # a missing or malformed table (MST_KERNEL_TABLE) fails here, naming the field
+        undivided = [f"{t.module_name} ({t.n_in}x{t.n_out})" for t in targets.values()
+                     if t.n_in % block or t.n_out % block]
+        if undivided and len(undivided) == len(targets):
+            raise ValueError(
+                f"`weight_kernels={mode!r}`: block_size={block} divides the shape of no target layer "
+                f"({', '.join(undivided[:6])}{' ...' if len(undivided) > 6 else ''}), so every layer would run on "
+                "dense kernels. Set `block_size` to a divisor of the layers' dimensions (16, 32, 64 or 128) or "
+                "`weight_kernels='dense'`."
+            )
+        if undivided:
+            logger.warning(
+                "MST weight kernels: block_size=%d does not divide %d of %d target layers, which always run on dense "
+                "kernels: %s. Use a block_size that divides them to put them on the block kernel.", block,
+                len(undivided), len(targets), ", ".join(undivided[:8]) + (" ..." if len(undivided) > 8 else ""))
 
     def masks_changed(self) -> None:
         """Masks were replaced (topology update, load): decide and install again before the next normal step."""

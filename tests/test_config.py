@@ -27,6 +27,8 @@ INVALID = [
     ("sparsity_distribution", "erk", ValueError),
     ("target_modules", [1, 2], TypeError),
     ("exclude_modules", 5, TypeError),
+    ("target_modules", "(q|k", ValueError),  # not a regex
+    ("exclude_modules", "(.*)*Z", ValueError),  # catastrophic backtracking: would not return on a long name
     ("sparsify_lm_head", "yes", TypeError),
     ("seed", 1.5, TypeError),
     ("hsa_pattern", "bigbird", ValueError),
@@ -126,3 +128,40 @@ def test_field_set_after_construction_is_validated_and_the_old_value_kept():
     assert cfg.ultra_sparsity == 0.9
     cfg.ultra_sparsity = 0.8
     assert cfg.ultra_sparsity == 0.8 and MSTConfig.from_dict(cfg.to_dict()).ultra_sparsity == 0.8
+
+
+def test_misspelt_key_in_a_saved_config_is_refused_by_every_reader(tmp_path):
+    """`ultra_sparsty` in mst_config.json would train at the default 0.9: from_pretrained, the planner's --config
+    and the checkpoint reader refuse it as the constructor does; save information and other extra keys still load."""
+    from mst_hf.io.records import read_mst_config
+    from mst_hf.plan import load_mst_config
+
+    MSTConfig(ultra_sparsity=0.8).save_pretrained(tmp_path, extra={"saved_at_step": 3, "run_name": "a"})
+    assert MSTConfig.from_pretrained(tmp_path).ultra_sparsity == 0.8
+    path = tmp_path / MST_CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ultra_sparsty": 0.5}))
+    for read in (MSTConfig.from_pretrained, load_mst_config, read_mst_config):
+        with pytest.raises((TypeError, ValueError), match=r"unknown key `ultra_sparsty`=0\.5; did you mean "
+                                                          r"`ultra_sparsity`") as info:
+            read(str(tmp_path))
+        assert MST_CONFIG_NAME in str(info.value)
+
+
+def test_one_sparsity_override_of_a_constant_preset_warns_with_the_schedule_it_makes(caplog):
+    import logging
+
+    from mst_hf.arguments import MSTArguments, to_mst_config
+
+    with caplog.at_level(logging.WARNING):
+        cfg = MSTConfig.from_preset("mst-recommended", ultra_sparsity=0.9)
+    assert (cfg.initial_sparsity, cfg.ultra_sparsity, cfg.final_sparsity) == (0.8, 0.9, 0.8)
+    assert ("leaves initial_sparsity, final_sparsity at the preset's 0.8, so the schedule is now 0.8 -> 0.9 -> 0.8"
+            in caplog.text and "set initial_sparsity, ultra_sparsity and final_sparsity together" in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the example's flags go through the same merge
+        to_mst_config(MSTArguments(mst_preset="mst-recommended", mst_final_sparsity=0.5))
+        assert "schedule is now 0.8 -> 0.8 -> 0.5" in caplog.text
+        caplog.clear()
+        MSTConfig.from_preset("mst-recommended", initial_sparsity=0.9, ultra_sparsity=0.9, final_sparsity=0.9)
+        MSTConfig.from_preset("mst-3phase", ultra_sparsity=0.8)  # a schedule already: nothing surprising
+    assert "MST preset" not in caplog.text

@@ -142,3 +142,24 @@ def test_block_structured_masks_stay_whole_tiles_through_training():
             assert not ctl.targets[name].param.detach()[~mask].any()
     assert len(ctl.history) >= 3 and ctl.history[-1]["unit"] == "8x8 tiles"
     assert 0.4 < ctl.masks.sparsity() < 0.8
+
+
+def _block(block_size, sparsity):
+    return MSTConfig(initial_sparsity=sparsity, ultra_sparsity=sparsity, final_sparsity=sparsity, warmup_ratio=0.0,
+                     restoration_ratio=0.0, hsa_pattern="dense", sparsity_structure="block", block_size=block_size)
+
+
+def test_tile_larger_than_a_layer_is_refused_before_any_pruning():
+    model = tiny_gpt2(n_embd=64)  # every target has a side of 64: a 128 tile is the whole matrix, on or off
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`block_size=128` is larger than the target `transformer\.h\.0\.attn\."
+                                         r"c_attn` \(64x192\).*block_size"):
+        MSTController(model, _block(128, 0.8))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_layer_left_without_an_active_tile_is_refused():
+    # 2 x 64 GPT-2 at 0.9 with 64 x 64 tiles: attention c_proj is one tile whose share (about 0.1) rounds to none
+    with pytest.raises(ValueError, match=r"no active tile at sparsity 0\.9.*all zero.*smaller `block_size`"):
+        MSTController(tiny_gpt2(n_embd=64), _block(64, 0.9))
+    assert MSTController(tiny_gpt2(n_embd=64), _block(16, 0.9)).masks.sparsity() == pytest.approx(0.9, abs=0.02)

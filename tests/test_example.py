@@ -226,6 +226,31 @@ def test_an_optional_number_flag_can_unset_a_presets_value(example):
         config("--mst_lm_head_max_sparsity", "high")
 
 
+def test_null_in_a_json_arguments_file_means_none_as_on_the_command_line(example, tmp_path):
+    """A preset's head cap and learning-rate schedule are removed by `null` in an args.json as by `none` on the
+    command line; a flag left out of the file keeps the preset's value."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"mst_preset": "mst-3phase", "mst_lm_head_max_sparsity": None,
+                                "mst_lr_schedule": None}))
+    config = to_mst_config(example.parse_arguments([str(path)])[3], max_steps=100, block_size=128)
+    flags = ["--mst_preset", "mst-3phase", "--mst_lm_head_max_sparsity", "none", "--mst_lr_schedule", "none"]
+    cli = to_mst_config(example.parse_arguments(flags)[3], max_steps=100, block_size=128)
+    assert (config.lm_head_max_sparsity, config.lr_schedule, config.lr_floor) == (None, None, 0.1)
+    assert config.mst_dict() == cli.mst_dict()
+
+
+def test_none_on_a_list_flag_means_the_model_type_default(example):
+    flags = ["--mst_target_modules", "none", "--mst_exclude_modules", "NULL"]
+    config = to_mst_config(example.parse_arguments(flags)[3], max_steps=100, block_size=128)
+    assert (config.target_modules, config.exclude_modules) == (None, None)
+
+
+def test_a_grow_method_phase_without_a_method_is_a_named_error(example):
+    mst_args = example.parse_arguments(["--mst_grow_method", "warmup=gradient,ultra"])[3]
+    with pytest.raises(ValueError, match=r"`--mst_grow_method` takes one method.*'ultra' has no `=method`"):
+        to_mst_config(mst_args, max_steps=100, block_size=128)
+
+
 def test_mst_config_scales_to_short_runs(example):
     config = to_mst_config(example.MSTArguments(), max_steps=250, block_size=128)
     assert (config.update_interval, config.hsa_window, config.hsa_stride, config.hsa_block) == (10, 16, 16, 16)

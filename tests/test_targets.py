@@ -43,3 +43,21 @@ def test_peft_injected_base_model_is_refused():
     with pytest.raises(NotImplementedError, match="merge_lora_sparse"):
         MSTController(base, _cfg())
     assert torch.equal(base.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
+
+
+def test_target_modules_that_match_only_the_lm_head_are_refused():
+    """Llama names on a GPT-2 would train it dense but for its tied embedding and report that as its sparsity."""
+    cfg = MSTConfig(**{**_cfg().mst_dict(), "target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(ValueError, match=r"only the LM head.*\['q_proj', 'v_proj'\].*\['c_attn', 'c_proj', 'c_fc'\]"):
+        MSTController(tiny_gpt2(), cfg)
+    head_only = MSTConfig(**{**cfg.mst_dict(), "target_modules": ["lm_head"]})  # the head named: on purpose
+    assert list(MSTController(tiny_gpt2(), head_only).targets) == ["transformer.wte.weight"]
+
+
+def test_a_head_cap_on_an_excluded_head_is_warned_about(caplog):
+    cfg = MSTConfig(**{**_cfg().mst_dict(), "lm_head_max_sparsity": 0.8, "exclude_modules": ["lm_head"]})
+    with caplog.at_level(logging.WARNING):
+        ctl = MSTController(tiny_llama(), cfg)
+    assert "lm_head.weight" not in ctl.targets
+    assert "lm_head_max_sparsity=0.8 caps the LM head's sparsity, but the head of this LlamaForCausalLM is not a " \
+           "target (exclude_modules=['lm_head']" in caplog.text

@@ -1,6 +1,9 @@
 """MSTConfig(weight_kernels=...): which layers run on the block-sparse kernel, and that training on it equals the
 dense masked run (CPU: the Triton interpreter)."""
 
+import json
+import logging
+
 import pytest
 import torch
 
@@ -58,3 +61,41 @@ def test_kernels_need_block_masks():
 def test_auto_on_cpu_stays_dense():
     _, ctl, on_kernel = _run("auto", steps=2)
     assert on_kernel == [0, 0] and set(ctl.weight_kernels.choice.values()) == {"dense"}
+
+
+def test_auto_never_picks_the_block_kernel_off_cuda_whatever_the_table_says(tmp_path, monkeypatch):
+    # a table that measures "cpu" and says the kernel always pays: the weights are on a CPU, so still dense
+    table = {"devices": {"cpu": {"tokens": 1, "break_even": [
+        {"n_in": 32, "n_out": 32, "block_size": 16, "break_even_density": 1.0}]}}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("MST_KERNEL_TABLE", str(path))
+    _, ctl, on_kernel = _run("auto", steps=2)
+    assert on_kernel == [0, 0] and set(ctl.weight_kernels.choice.values()) == {"dense"}
+
+
+def test_block_without_triton_is_refused_at_construction(monkeypatch):
+    from mst_hf.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=r"`weight_kernels='block'`.*triton is not installed.*"
+                                                  r"`weight_kernels='dense'`"):
+        MSTController(model, _cfg(weight_kernels="block"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing pruned
+
+
+def test_layers_the_tile_does_not_divide_are_named_in_a_warning(caplog):
+    model = tiny_llama(intermediate_size=48, num_key_value_heads=4)  # the MLP (32 x 48, 48 x 32) is not 32-divisible
+    with caplog.at_level(logging.WARNING):
+        ctl = MSTController(model, _cfg(weight_kernels="block", block_size=32))
+    assert "block_size=32 does not divide 6 of 15" in caplog.text and "mlp.down_proj (48x32)" in caplog.text
+    assert ctl.weight_kernels is not None
+
+
+def test_block_size_that_divides_no_layer_is_refused():
+    model = tiny_llama(hidden_size=40, intermediate_size=48, num_key_value_heads=4)  # no side a multiple of 16 ...
+    with pytest.raises(ValueError, match=r"block_size=16 divides the shape of no target layer.*`block_size`"):
+        MSTController(model, _cfg(weight_kernels="block", target_modules=["gate_proj", "up_proj", "down_proj"],
+                                  sparsify_lm_head=False))  # ... among the MLP's 40 x 48 and 48 x 40

@@ -10,7 +10,7 @@ import os
 import re
 
 from .. import schedule
-from ..config import MST_CONFIG_NAME, MSTConfig
+from ..config import MST_CONFIG_NAME, MSTConfig, saved_fields
 from .formats import STATE_NAME, read_json
 
 _FIX = "Restore the file from the same checkpoint (or resume from an earlier one); do not edit it by hand."
@@ -45,7 +45,7 @@ def read_mst_config(path: str) -> dict:
     path = os.path.join(path, MST_CONFIG_NAME) if os.path.isdir(path) else str(path)
     data = read_json(path)
     try:
-        MSTConfig(**{k: v for k, v in data.items() if k in mst_config_fields()})
+        MSTConfig(**saved_fields(data, path))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path!r} holds an invalid MST config: {err} {_FIX}") from None
     _check_optional(path, data, "saved_at_step", lambda v: _is_int(v, 0), "an integer >= 0 (optimizer steps)")

@@ -11,13 +11,13 @@ dense gradient, which the sampled ``dW`` does not compute) and wherever :func:`c
 shape and block size, the largest density at which the block kernel was faster than dense cuBLAS for fwd+bwd.
 With no table for the GPU, or tokens far below the measured count, it answers ``"dense"`` (and
 :func:`set_kernels` warns once per GPU that has no table). ``MST_KERNEL_TABLE=PATH`` points at a table measured
-on your own GPU instead of the one shipped in the package.
+on your own GPU instead of the one shipped in the package (:mod:`.table` reads and validates it). :func:`set_kernels`
+keeps a weight that is not on a CUDA device, or any weight without triton, on dense kernels whatever the table says.
 """
 
 import functools
-import json
+import importlib.util
 import math
-import os
 import types
 import warnings
 
@@ -28,9 +28,21 @@ from transformers.pytorch_utils import Conv1D
 
 from .layout import BlockLayout, block_mask_from_weight, check_block_size, check_divisible
 from .ops import block_sparse_linear
+from .table import DEFAULT_TABLE, load_table, normalize_device_name, table_path  # noqa: F401 (DEFAULT_TABLE: public)
 
 _STATE = "_mst_block_sparse"
-DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "breakeven.json")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the `triton` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def block_kernel_runs(device) -> bool:
+    """Whether ``weight_kernels="auto"`` may put a layer whose weight lives on `device` on the block kernel: a CUDA
+    device with triton installed (Triton's CPU interpreter runs it too, but only for tests: far slower than dense)."""
+    return torch.device(device).type == "cuda" and triton_installed()
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -101,23 +113,24 @@ def set_kernels(
 
     `masks` holds element (or block) masks by the same names, in the weights' storage layout. ``dense=True`` puts
     every module on dense kernels (e.g. for a topology-update step, whose growth needs the dense gradient).
-    Call it at phase changes and after each topology update; the returned choices are what to log.
+    A module whose weight is not where the kernel runs (:func:`block_kernel_runs`: CUDA with triton) stays dense
+    whatever the table says. Call it at phase changes and after each topology update; the returned choices are what
+    to log.
     """
     choices = {}
     for name, module in modules.items():
         choice = "dense"
-        if not dense:
+        if not dense and block_kernel_runs(module.weight.device):
             conv1d = _is_conv1d(module)
             n_out, n_in = (module.weight.shape[1], module.weight.shape[0]) if conv1d else tuple(module.weight.shape)
             mask = masks[name]
             if n_in % block_size == 0 and n_out % block_size == 0:
                 elementwise = mask.shape == module.weight.shape
                 blocks = block_mask_from_weight(mask, block_size, conv1d) if elementwise else mask
-                dev = module.weight.device
-                gpu = device_name or (torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type)
+                gpu = device_name or torch.cuda.get_device_name(module.weight.device)
                 density = blocks.float().mean().item()
                 choice = choose_kernel(n_in, n_out, tokens, density, block_size, gpu, path)
-                if gpu != "cpu" and normalize_device_name(gpu) not in load_table(path):
+                if normalize_device_name(gpu) not in load_table(path):
                     _warn_no_table(gpu, table_path(path))
         if choice == "block":
             enable_block_sparse(module, masks[name], block_size)
@@ -141,30 +154,6 @@ def dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- kernel choice from a measured table
-
-
-def normalize_device_name(name: str) -> str:
-    """Device names as keys: lower case, single spaces (``torch.cuda.get_device_name`` spellings)."""
-    return " ".join(str(name).lower().split())
-
-
-@functools.cache
-def _load(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        data = json.load(f)
-    return {normalize_device_name(k): v for k, v in data.get("devices", {}).items()}
-
-
-def table_path(path: str | None = None) -> str:
-    """The break-even table in use: `path`, else ``$MST_KERNEL_TABLE``, else the one shipped in the package."""
-    return os.path.abspath(path or os.environ.get("MST_KERNEL_TABLE") or DEFAULT_TABLE)
-
-
-def load_table(path: str | None = None) -> dict:
-    """``{device name: table}`` from a break-even JSON (``{"devices": {name: {"tokens", "break_even": [...]}}}``)."""
-    return _load(table_path(path))
 
 
 @functools.cache

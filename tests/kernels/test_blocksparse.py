@@ -257,7 +257,10 @@ def test_choose_kernel_table(tmp_path):
     assert choose_kernel(density=0.1, device_name="NVIDIA H200", **{**args, "n_in": 768 // 4}) == "dense"
 
 
-def test_set_kernels_follows_table_and_dense_flag(tmp_path):
+def test_set_kernels_follows_table_and_dense_flag(tmp_path, monkeypatch):
+    from mst_hf.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "block_kernel_runs", lambda device: True)  # as on a CUDA GPU with triton
     table = {"devices": {"cpu": {"tokens": 64, "break_even": [
         {"n_in": 64, "n_out": 64, "block_size": 32, "break_even_density": 0.6}]}}}
     path = tmp_path / "t.json"
@@ -363,6 +366,7 @@ def test_set_kernels_warns_once_for_a_gpu_without_table_and_honours_env_table(tm
     half = torch.zeros(64, 64, dtype=torch.bool)
     half[:32] = True
     modules, masks = {"a": nn.Linear(64, 64)}, {"a": half}
+    monkeypatch.setattr(dispatch, "block_kernel_runs", lambda device: True)  # as on a CUDA GPU with triton
     dispatch._warn_no_table.cache_clear()
     with pytest.warns(UserWarning, match="no measurements for GPU 'Test GPU B'.*MST_KERNEL_TABLE"):
         assert set_kernels(modules, masks, 32, tokens=64, device_name="Test GPU B", path=str(path)) == {"a": "dense"}
