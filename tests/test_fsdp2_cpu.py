@@ -251,6 +251,7 @@ def _masks_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(_equal(a[s], b[s]) for s in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MODELS)
 def test_masks_are_sharded_like_their_parameters(runs, kind):
     for rank_result in runs["ranks"]:
@@ -262,6 +263,7 @@ def test_masks_are_sharded_like_their_parameters(runs, kind):
     assert {n: sizes[0][n] + sizes[1][n] for n in sizes[0]} == full
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MODELS)
 def test_fsdp2_masks_equal_unsharded_and_ddp_runs(runs, kind):
     reference = runs["reference"][kind]
@@ -275,6 +277,7 @@ def test_fsdp2_masks_equal_unsharded_and_ddp_runs(runs, kind):
         assert _equal(rank_result[kind, "ddp"]["weights"], reference["weights"])
 
 
+@pytest.mark.slow
 def test_controller_built_before_sharding_follows_the_dtensor_parameters(runs):
     reference = runs["reference"]["llama"]
     for rank_result in runs["ranks"]:
@@ -284,12 +287,14 @@ def test_controller_built_before_sharding_follows_the_dtensor_parameters(runs):
         assert late["local_sizes"] == rank_result["llama", "fsdp"]["local_sizes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MODELS)
 def test_pruned_weights_exactly_zero_on_every_shard(runs, kind):
     modes = [m for m in ("fsdp", "late", "sharded", "full") if (kind, m) in runs["ranks"][0]]
     assert [r[kind, m]["zero"] for r in runs["ranks"] for m in modes] == [True] * (WORLD * len(modes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "mode"), [("llama", "sharded"), ("llama", "full"), ("gpt2", "sharded")])
 def test_resume_continues_bit_identically(runs, kind, mode):
     reference = runs["ranks"][0][kind, "fsdp"]
@@ -300,6 +305,7 @@ def test_resume_continues_bit_identically(runs, kind, mode):
         assert resumed["load_masks_shards"]  # mst_hf.load_masks on the sharded model cuts the same shards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MODELS)
 def test_saved_mask_file_is_the_unsharded_runs_file(runs, kind):
     """The mask file written from sharded masks holds the full masks of step SAVE_AT, bit for bit."""

@@ -151,6 +151,7 @@ def test_phase_breakdown_adds_up():
 # --------------------------------------------------------------------------- CLI pieces and the plot
 
 
+@pytest.mark.slow
 def test_cli_config_file_and_folder(tmp_path, capsys):
     MSTConfig(ultra_sparsity=0.8, update_interval=50).save_pretrained(tmp_path)
     loaded = [load_mst_config(str(tmp_path)).ultra_sparsity,
@@ -171,12 +172,14 @@ def test_plot_schedule_refuses_ragged_trace(tmp_path):
         plot_schedule({"step": [0, 1, 2], "attention_density": [1.0, 0.5]}, str(tmp_path / "x.png"))
 
 
+@pytest.mark.slow
 def test_cli_preset_reaches_4x(cli_run):
     run = cli_run()
     assert run["returncode"] == 0, run["stderr"][-2000:]
     assert json.loads(run["stdout"].strip().splitlines()[-1])["flop_reduction"] >= 4.0
 
 
+@pytest.mark.slow
 def test_cli_writes_png(cli_run):
     assert cli_run()["png"].read_bytes()[:8] == PNG_MAGIC
 

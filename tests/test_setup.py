@@ -63,6 +63,7 @@ print("ok", round(ctl.masks.sparsity(), 2), loaded)
     assert proc.returncode == 0 and proc.stdout.split()[-3:] == ["ok", "0.5", "[]"], proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_load_embedded_dataset_without_datasets_names_the_extra():
     code = "import sys; sys.modules['datasets'] = None\nfrom mst_hf.embedded import load_embedded_dataset\n" \
            "load_embedded_dataset()"
@@ -92,6 +93,7 @@ def test_ci_runs_the_readme_test_command():
         "python3 -m pytest -q")
 
 
+@pytest.mark.slow
 def test_plan_command_line_prints_no_runpy_warning():
     proc = run_python("", "-m", "mst_hf.plan", "--preset", "gpt2-4x", "--steps", "1000", "--json")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
