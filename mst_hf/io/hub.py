@@ -25,16 +25,17 @@ from ..masks import MaskState, check_shapes
 from ..targets import find_targets, has_peft_layers, unwrap_model
 from .attach import as_mask_dict
 from .checkpoint import read_saved_info, saved_phase
+from .files import write_json
 from .formats import (
     MASKS_NAME,
     SPARSE_NAME,
     STATE_NAME,
+    read_compact,
     read_mask_file,
-    read_sparse,
     save_masks,
     shared_names,
     sparse_file,
-    write_json,
+    unverified_aliases,
     write_sparse_file,
 )
 
@@ -74,13 +75,14 @@ def save_sparse(model, path, masks=None) -> str:
     return write_sparse_file(file, model.state_dict(), masks)
 
 
-def load_sparse(path, model=None, **from_config_kwargs):
+def load_sparse(path, model=None, *, allow_unverified: bool = False, **from_config_kwargs):
     """Load a compact file into ``model`` (in place, bit-exactly; returns it), or, with ``model=None``, into a new
     ``AutoModelForCausalLM`` built from the ``config.json`` beside the file in the saved dtype
     (``from_config_kwargs`` such as ``attn_implementation`` are passed on). Names, shapes and dtypes are checked
-    before any weight is written."""
+    before any weight is written. The aliases of a first-release file (format version 1, outside its digest) are
+    used only for names the model ties the same way; ``allow_unverified=True`` uses them as they are."""
     file = sparse_file(path)
-    dense, _, aliases = read_sparse(file)
+    dense, _, aliases, verified = read_compact(file)
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -93,6 +95,10 @@ def load_sparse(path, model=None, **from_config_kwargs):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **from_config_kwargs)
     target = _plain_model(model).state_dict()
     check_shapes({n: tuple(t.shape) for n, t in dense.items()}, target, f"Compact file {file!r}")
+    untied = sorted(a for a, n in aliases.items() if target[a].data_ptr() != target[n].data_ptr())
+    if untied and not verified and not allow_unverified:
+        raise ValueError(unverified_aliases(file, aliases, f", and this {type(model).__name__} has them not tied "
+                                            f"({untied[:3]}), so the file alone would decide what they load"))
     for name, t in dense.items():
         if target[name].dtype != t.dtype:
             raise ValueError(
