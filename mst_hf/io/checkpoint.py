@@ -152,7 +152,7 @@ def _index_locations(index: str, checkpoint_dir: str) -> dict[str, str]:
     root = os.path.realpath(checkpoint_dir)
     locations = {}
     for name, file in weight_map.items():
-        path = os.path.realpath(os.path.join(root, file)) if isinstance(file, str) else None
+        path = os.path.realpath(os.path.join(root, file)) if isinstance(file, str) and "\0" not in file else None
         if path is None or os.path.isabs(file) or os.path.commonpath([root, path]) != root or path == root:
             raise ValueError(f"{index!r}: `weight_map` names {file!r} for `{name}`, outside the checkpoint folder "
                              f"{checkpoint_dir!r} (or not a file name); only files inside it are read. Resume from "

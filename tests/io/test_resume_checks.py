@@ -148,15 +148,18 @@ def test_a_weight_index_naming_a_fifo_neither_blocks_nor_is_read(copy):
     assert "shard.safetensors" in str(checked["error"]) and "not a regular file" in str(checked["error"])
 
 
-@pytest.mark.parametrize("where", ["absolute path", "parent folder"])
+OUTSIDE = {"absolute path": "{copy}/outside.safetensors", "parent folder": "../outside.safetensors",
+           "symlink out": "link.safetensors", "NUL byte": "outside.safetensors\0"}
+
+
+@pytest.mark.parametrize("where", list(OUTSIDE))
 def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(where, copy, tmp_path):
     checkpoint = copy / f"checkpoint-{N}"
-    outside = copy / "outside.safetensors"
-    index_to(checkpoint, outside if where == "absolute path" else "../outside.safetensors")
-    shutil.move(checkpoint / "model.safetensors", outside)
+    index_to(checkpoint, OUTSIDE[where].format(copy=copy))
+    shutil.move(checkpoint / "model.safetensors", copy / "outside.safetensors")
+    os.symlink(copy / "outside.safetensors", checkpoint / "link.safetensors")
     trainer = build_trainer(tmp_path / "new", model_seed=1)
-    refused_before_loading(trainer, checkpoint, ValueError,
-                           r"`weight_map`.*outside\.safetensors.*outside the checkpoint")
+    refused_before_loading(trainer, checkpoint, ValueError, r"`weight_map`.*safetensors.*outside the checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- silent differences
