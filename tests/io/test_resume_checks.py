@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 import mst_hf
@@ -106,6 +107,24 @@ def test_corrupt_weights_are_refused_naming_the_file(copy, tmp_path):
     DAMAGE["truncated weights"](copy / f"checkpoint-{N}")
     trainer = build_trainer(tmp_path / "new", model_seed=1)
     refused_before_loading(trainer, copy / f"checkpoint-{N}", ValueError, r"model\.safetensors.*corrupt")
+
+
+def test_masks_switched_on_by_hand_without_digests_are_not_resumed(copy, tmp_path):
+    """64 pruned positions switched on, the mask file's digest and mst_state.json's `masks_digest` dropped: nothing
+    is left to show the edit, so the mask file is refused (a resume never reads an unverified one)."""
+    checkpoint = copy / f"checkpoint-{N}"
+    with safe_open(str(checkpoint / MASKS_NAME), framework="pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in packed if not k.endswith(".__shape__"))
+    mask = mst_hf.masks.unpack_mask(packed[name], tuple(packed[name + ".__shape__"].tolist()))
+    mask.view(-1)[(~mask).view(-1).nonzero()[:64, 0]] = True
+    packed[name] = mst_hf.masks.pack_mask(mask)
+    save_file(packed, str(checkpoint / MASKS_NAME), metadata={"format": "mst_hf", "version": "1"})
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    del state["masks_digest"]
+    (checkpoint / STATE_NAME).write_text(json.dumps(state))
+    trainer = build_trainer(tmp_path / "new", model_seed=1)
+    refused_before_loading(trainer, checkpoint, ValueError, r"mst_masks\.safetensors.*no `digest`")
 
 
 # ---------------------------------------------------------------------------------------------- crafted folders
