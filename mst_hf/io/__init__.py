@@ -1,9 +1,9 @@
 """Files of an MST run: the two formats, resuming a Trainer checkpoint, and what goes to the Hub.
 
-``formats`` (mask file and compact file: write, read, validate; atomic, reproducible writes) <- ``records``
-(``mst_config.json`` and ``mst_state.json``, validated) <- ``attach`` (saved masks onto live models) <-
-``checkpoint`` (resume: everything checked before anything is loaded) <- ``hub`` (compact save/load of a model,
-model card, push). Nothing here imports the trainer.
+``files`` (atomic, reproducible writes; regular files only) <- ``formats`` (mask file and compact file: write, read,
+validate) <- ``records`` (``mst_config.json`` and ``mst_state.json``, validated) <- ``attach`` (saved masks onto live
+models) <- ``checkpoint`` (resume: everything checked before anything is loaded) <- ``hub`` (compact save/load of a
+model, model card, push). Nothing here imports the trainer.
 """
 
 from .attach import load_masks

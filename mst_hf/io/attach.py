@@ -14,6 +14,7 @@ from transformers.utils import logging
 from .. import sharding
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import MaskState, check_shapes
+from ..regex_safety import check_pattern
 from ..targets import find_targets, unwrap_model
 from .formats import mask_tensors, packed_shapes, read_any_masks
 from .records import mst_config_fields, read_mst_config
@@ -69,6 +70,13 @@ def unmasked_targets(model, path: str, masked) -> tuple[list[str], str]:
     config_path = os.path.join(directory, MST_CONFIG_NAME)
     if os.path.isfile(config_path):
         saved = read_mst_config(config_path)
+        for field in ("target_modules", "exclude_modules"):  # a downloaded folder's regex: matched only when safe
+            if isinstance(saved.get(field), str):
+                try:
+                    check_pattern(field, saved[field])
+                except ValueError as err:
+                    raise ValueError(f"{config_path!r}, beside the masks: {err} Edit that file, or load the masks "
+                                     "from a folder without it (the default targets are then used).") from None
         config, source = MSTConfig(**{k: saved[k] for k in mst_config_fields() if k in saved}), repr(config_path)
     else:
         config, source = MSTConfig(), f"the default MSTConfig (no {MST_CONFIG_NAME} beside the masks)"
@@ -84,7 +92,8 @@ def _kind(name: str) -> str:
     return re.sub(r"\.\d+\.", ".#.", name)
 
 
-def load_masks(target, path: str, apply: bool = True, strict: bool = True) -> MaskState:
+def load_masks(target, path: str, apply: bool = True, strict: bool = True,
+               allow_unverified: bool = False) -> MaskState:
     """Reattach saved masks to ``target`` and return them.
 
     ``target``: a model (e.g. from ``from_pretrained`` of an MST checkpoint, or a ``PeftModel`` wrapping one): a new
@@ -94,9 +103,12 @@ def load_masks(target, path: str, apply: bool = True, strict: bool = True) -> Ma
     ``apply``: zero the weights the masks prune (a no-op on the model the masks were saved with).
     The file is validated against the model (names and shapes) before anything is modified. A model with target
     weights the file has no mask for (a larger model; targets under the ``mst_config.json`` beside the masks) is
-    refused; ``strict=False`` masks only the weights the file names, with a warning listing the others.
+    refused; ``strict=False`` masks only the weights the file names, with a warning listing the others. A mask file
+    without its digest is refused; ``allow_unverified=True`` reads it as it is. A ``target_modules`` /
+    ``exclude_modules`` regex in that ``mst_config.json`` that could take exponential time to match is refused
+    before any name is matched (:func:`mst_hf.regex_safety.check_pattern`).
     """
-    state = read_any_masks(str(path))
+    state = read_any_masks(str(path), allow_unverified)
     masks = mask_state_of(target)
     where = f"Masks in {str(path)!r}"
     if masks is None:

@@ -37,16 +37,8 @@ from .. import schedule
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import check_shapes, unpack_mask
 from .attach import invalidate_flops
-from .formats import (
-    MASKS_NAME,
-    STATE_NAME,
-    packed_digest,
-    packed_shapes,
-    read_json,
-    read_mask_file,
-    save_masks,
-    write_json,
-)
+from .files import check_regular_file, read_json, write_json
+from .formats import MASKS_NAME, STATE_NAME, packed_digest, packed_shapes, read_mask_file, save_masks
 from .records import mst_config_fields, read_mst_config, read_mst_state
 
 logger = logging.get_logger(__name__)
@@ -121,6 +113,8 @@ class MSTCheckpoint:
 
 @contextmanager
 def _open_weights(file: str):
+    check_regular_file(file, "Weights file of the checkpoint", "Resume from an earlier checkpoint "
+                       "(mst_hf.last_complete_checkpoint(output_dir) finds the newest complete one).")
     try:
         handle = safe_open(file, framework="pt")
     except Exception as err:  # SafetensorError, OSError: name the file, which safetensors does not
@@ -136,8 +130,7 @@ def _weight_locations(checkpoint_dir: str) -> dict[str, str]:
     header is read, so a corrupt or truncated one is refused here by name."""
     single, index = (os.path.join(checkpoint_dir, n) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
     if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map", {})
-        locations = {k: os.path.join(checkpoint_dir, v) for k, v in weight_map.items()}
+        locations = _index_locations(index, checkpoint_dir)
         for file in sorted(set(locations.values())):
             with _open_weights(file):
                 pass
@@ -146,6 +139,26 @@ def _weight_locations(checkpoint_dir: str) -> dict[str, str]:
         with _open_weights(single) as f:
             return dict.fromkeys(f.keys(), single)
     return {}
+
+
+def _index_locations(index: str, checkpoint_dir: str) -> dict[str, str]:
+    """The weight index's ``weight_map`` as parameter name -> file path, each file confined to the checkpoint folder:
+    an absolute path, a ``..`` path or a symlink leading out of it is refused (``ValueError`` naming it), so a crafted
+    folder cannot make a resume read files elsewhere."""
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index!r}: `weight_map` is {type(weight_map).__name__}, expected an object parameter name "
+                         "-> file name. The index is damaged: resume from an earlier checkpoint.")
+    root = os.path.realpath(checkpoint_dir)
+    locations = {}
+    for name, file in weight_map.items():
+        path = os.path.realpath(os.path.join(root, file)) if isinstance(file, str) and "\0" not in file else None
+        if path is None or os.path.isabs(file) or os.path.commonpath([root, path]) != root or path == root:
+            raise ValueError(f"{index!r}: `weight_map` names {file!r} for `{name}`, outside the checkpoint folder "
+                             f"{checkpoint_dir!r} (or not a file name); only files inside it are read. Resume from "
+                             "a checkpoint written by Trainer, or fix the index.")
+        locations[name] = path
+    return locations
 
 
 def _check_weights_agree(checkpoint_dir: str, packed: dict, where: str) -> None:

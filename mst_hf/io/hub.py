@@ -15,6 +15,7 @@ the model was evaluated; :func:`write_model_card` puts it into ``README.md`` wit
 import json
 import math
 import os
+import re
 import tempfile
 
 import torch
@@ -25,16 +26,17 @@ from ..masks import MaskState, check_shapes
 from ..targets import find_targets, has_peft_layers, unwrap_model
 from .attach import as_mask_dict
 from .checkpoint import read_saved_info, saved_phase
+from .files import check_regular_file, write_json
 from .formats import (
     MASKS_NAME,
     SPARSE_NAME,
     STATE_NAME,
+    read_compact,
     read_mask_file,
-    read_sparse,
     save_masks,
     shared_names,
     sparse_file,
-    write_json,
+    unverified_aliases,
     write_sparse_file,
 )
 
@@ -74,13 +76,14 @@ def save_sparse(model, path, masks=None) -> str:
     return write_sparse_file(file, model.state_dict(), masks)
 
 
-def load_sparse(path, model=None, **from_config_kwargs):
+def load_sparse(path, model=None, *, allow_unverified: bool = False, **from_config_kwargs):
     """Load a compact file into ``model`` (in place, bit-exactly; returns it), or, with ``model=None``, into a new
     ``AutoModelForCausalLM`` built from the ``config.json`` beside the file in the saved dtype
     (``from_config_kwargs`` such as ``attn_implementation`` are passed on). Names, shapes and dtypes are checked
-    before any weight is written."""
+    before any weight is written. The aliases of a first-release file (format version 1, outside its digest) are
+    used only for names the model ties the same way; ``allow_unverified=True`` uses them as they are."""
     file = sparse_file(path)
-    dense, _, aliases = read_sparse(file)
+    dense, _, aliases, verified = read_compact(file)
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -93,6 +96,10 @@ def load_sparse(path, model=None, **from_config_kwargs):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **from_config_kwargs)
     target = _plain_model(model).state_dict()
     check_shapes({n: tuple(t.shape) for n, t in dense.items()}, target, f"Compact file {file!r}")
+    untied = sorted(a for a, n in aliases.items() if target[a].data_ptr() != target[n].data_ptr())
+    if untied and not verified and not allow_unverified:
+        raise ValueError(unverified_aliases(file, aliases, f", and this {type(model).__name__} has them not tied "
+                                            f"({untied[:3]}), so the file alone would decide what they load"))
     for name, t in dense.items():
         if target[name].dtype != t.dtype:
             raise ValueError(
@@ -143,6 +150,42 @@ def controller_card_info(controller, step: int | None, total_steps: int | None, 
     return info
 
 
+def _refuse_card_value(field: str, value, expected: str):
+    raise ValueError(f"Model card: `{field}` is {value!r}, expected {expected}. Fix or remove it where it comes from "
+                     f"(the info passed, or mst_config.json / mst_state.json of the saved folder).")
+
+
+def _card_number(values: dict, key: str, integer: bool = False, finite: bool = False, where: str = ""):
+    """``values[key]`` (``None`` when absent), checked to be a number (an int >= 0 with ``integer``; finite with
+    ``finite``) before the card formats it."""
+    value = values.get(key)
+    ok = value is None or (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+                           and (not integer or value >= 0) and (not finite or math.isfinite(value)))
+    if not ok:
+        field = f"{where}[{key!r}]" if where else key
+        _refuse_card_value(field, value, "an integer >= 0" if integer else "a finite number" if finite else "a number")
+    return value
+
+
+def _cell(text: str) -> str:
+    """``text`` kept on one Markdown line and inside one table cell: line breaks as spaces, ``|`` escaped, ``<`` as
+    ``&lt;`` (so no value can hold the card's section markers)."""
+    return " ".join(text.splitlines()).replace("|", "\\|").replace("<", "&lt;")
+
+
+def _code_cell(field: str, value) -> str:
+    """``value`` as JSON in a code span that nothing in it can end (a longer backtick fence), inside one table cell;
+    ``<`` written as the JSON escape ``\\u003c`` (a code span shows ``&lt;`` as is)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError) as err:
+        _refuse_card_value(field, value, f"a value JSON can write ({err})")
+    text = _cell(text.replace("<", "\\u003c"))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def model_card_section(info: dict) -> str:
     """Markdown recording an MST model: schedule, final sparsity, counted FLOP reduction, perplexity.
 
@@ -150,22 +193,29 @@ def model_card_section(info: dict) -> str:
     ``sparsity`` and ``metrics`` (``mst/flop_reduction``, ``eval_loss``), as in ``mst_config.json`` +
     ``mst_state.json``."""
     metrics = info.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        _refuse_card_value("metrics", metrics, "an object of logged values")
+    sparsity, step, total = (_card_number(info, k, integer=k != "sparsity", finite=True)
+                             for k in ("sparsity", "saved_at_step", "total_steps"))
+    reduction = _card_number(metrics, "mst/flop_reduction", finite=True, where="metrics")
+    eval_loss = _card_number(metrics, "eval_loss", where="metrics")
     rows = []
-    if info.get("sparsity") is not None:
-        rows.append(("Final global sparsity of the sparsified weights", f"{100 * info['sparsity']:.2f}%"))
-    if info.get("saved_at_step") is not None:
-        of = f" of {info['total_steps']}" if info.get("total_steps") else ""
-        phase = f" (phase: {info['saved_in_phase']})" if info.get("saved_in_phase") else ""
-        rows.append(("Saved after optimizer step", f"{info['saved_at_step']}{of}{phase}"))
+    if sparsity is not None:
+        rows.append(("Final global sparsity of the sparsified weights", f"{100 * sparsity:.2f}%"))
+    if step is not None:
+        of = f" of {total}" if total else ""
+        phase = f" (phase: {_cell(str(info['saved_in_phase']))})" if info.get("saved_in_phase") else ""
+        rows.append(("Saved after optimizer step", f"{step}{of}{phase}"))
     if info.get("hsa_active") is not None:
         rows.append(("Sparse attention pattern at save", "on: the model was trained with it up to this step; load it "
                      "with `attn_implementation=\"mst_hsa\"` (after `import mst_hf`) to evaluate it as trained"
                      if info["hsa_active"] else "off (dense causal)"))
-    if metrics.get("mst/flop_reduction") is not None:
+    if reduction is not None:
         rows.append(("Counted training FLOP reduction vs. dense",
-                     f"{metrics['mst/flop_reduction']:.3f}x (counted matmul FLOPs, not a measured time)"))
-    if metrics.get("eval_loss") is not None and math.isfinite(metrics["eval_loss"]):
-        rows.append(("Perplexity (exp of eval loss)", f"{math.exp(metrics['eval_loss']):.4g}"))
+                     f"{reduction:.3f}x (counted matmul FLOPs, not a measured time)"))
+    if eval_loss is not None and math.isfinite(eval_loss):
+        perplexity = math.exp(eval_loss) if eval_loss < 709.0 else math.inf  # exp overflows past ~709.78
+        rows.append(("Perplexity (exp of eval loss)", f"{perplexity:.4g}"))
     fields = [k for k in sorted(info) if k in MSTConfig.__dataclass_fields__ and k != "model_type"
               and k not in ("saved_at_step", "total_steps", "saved_in_phase", "hsa_active", "sparsity", "metrics")]
     lines = [
@@ -183,7 +233,7 @@ def model_card_section(info: dict) -> str:
     ]
     if fields:
         lines += ["", "### Schedule (`MSTConfig`)", "", "| field | value |", "|---|---|"]
-        lines += [f"| `{k}` | `{json.dumps(info[k])}` |" for k in fields]
+        lines += [f"| `{k}` | {_code_cell(k, info[k])} |" for k in fields]
     lines += [CARD_END, ""]
     return "\n".join(lines)
 
@@ -192,13 +242,21 @@ def write_model_card(directory: str, info: dict, title: str | None = None) -> st
     """Put the MST section into ``directory/README.md`` (replacing an earlier one; creating the card if needed) and
     make sure its metadata carries the tags ``mst`` and ``sparse``. Returns the card's path."""
     path = os.path.join(directory, "README.md")
-    if os.path.isfile(path):
-        card = ModelCard.load(path)
+    fix = "Fix its YAML metadata block (between the `---` lines: e.g. `tags` a list of strings) or remove the file."
+    if os.path.lexists(path):
+        check_regular_file(path, "Model card", "Remove it; a new card is then written.")
+        try:
+            card = ModelCard.load(path)
+        except Exception as err:  # yaml, huggingface_hub or type errors of a hand-edited card
+            raise ValueError(f"Model card {path!r} cannot be read ({type(err).__name__}: {err}). {fix}") from err
     else:
         data = ModelCardData(library_name="transformers", tags=list(MST_TAGS))
-        title = title or os.path.basename(os.path.normpath(directory))
+        title = _cell(str(title or os.path.basename(os.path.normpath(directory))))
         card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n")
-    card.data.tags = list(card.data.tags or []) + [t for t in MST_TAGS if t not in (card.data.tags or [])]
+    tags = [card.data.tags] if isinstance(card.data.tags, str) else card.data.tags or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValueError(f"Model card {path!r}: metadata `tags` is {tags!r}, expected a list of strings. {fix}")
+    card.data.tags = tags + [t for t in MST_TAGS if t not in tags]
     text = card.text
     if CARD_START in text and CARD_END in text:
         text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END):].lstrip("\n")

@@ -11,7 +11,8 @@ import re
 
 from .. import schedule
 from ..config import MST_CONFIG_NAME, MSTConfig, saved_fields
-from .formats import STATE_NAME, read_json
+from .files import read_json
+from .formats import STATE_NAME
 
 _FIX = "Restore the file from the same checkpoint (or resume from an earlier one); do not edit it by hand."
 

@@ -2,11 +2,11 @@
 is the SHA-256 the files store."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mst_hf
@@ -53,9 +53,12 @@ def test_a_mask_file_laid_out_by_the_first_release_loads(tmp_path):
     assert loaded.digest() == digest  # MaskState.digest is the digest the file stores
 
 
-def test_a_compact_file_laid_out_by_the_first_release_loads(tmp_path):
-    model = tiny_gpt2()
-    masks = hand_masks(model)
+TIED = '{"lm_head.weight": "transformer.wte.weight"}'
+
+
+def write_v1_compact_file(path, model, masks, aliases=TIED, skip=("lm_head.weight",)):
+    """A compact file as the first release wrote it (its digest covers the tensors, not the metadata): the names in
+    ``skip`` are not stored, ``aliases`` is the metadata text. Returns the model's state dict."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in masks:
@@ -63,7 +66,7 @@ def test_a_compact_file_laid_out_by_the_first_release_loads(tmp_path):
     state = model.state_dict()
     tensors = {}
     for name, t in state.items():
-        if name == "lm_head.weight":  # tied to transformer.wte.weight: an alias
+        if name in skip:  # an alias: not stored
             continue
         if name in masks:
             tensors[name + ":values"] = t[masks[name]].contiguous()
@@ -73,9 +76,15 @@ def test_a_compact_file_laid_out_by_the_first_release_loads(tmp_path):
         else:
             tensors[name] = t.contiguous()
     digest = sha256_of({k: v.numpy().tobytes() for k, v in tensors.items()})
-    metadata = {"format": "mst_hf_sparse", "version": "1", "aliases": json.dumps({"lm_head.weight":
-                "transformer.wte.weight"}), "masks": "given", "digest": digest}
-    save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)
+    metadata = {"format": "mst_hf_sparse", "version": "1", "aliases": aliases, "masks": "given", "digest": digest}
+    save_file(tensors, str(path), metadata=metadata)
+    return state
+
+
+def test_a_compact_file_laid_out_by_the_first_release_loads(tmp_path):
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    state = write_v1_compact_file(tmp_path / "m.safetensors", model, masks)  # lm_head tied to wte: an alias
 
     fresh = mst_hf.load_sparse(str(tmp_path / "m.safetensors"), tiny_gpt2(seed=5))
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
@@ -98,6 +107,72 @@ def test_a_mask_file_with_too_few_bytes_is_refused_by_name(tmp_path):
     save_file(state, str(tmp_path / "mst_masks.safetensors"), metadata={"format": "mst_hf", "version": "1"})
     with pytest.raises(ValueError, match=r"mst_masks.safetensors.*c_attn.weight.*malformed"):
         formats.read_mask_file(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- what is refused
+def rewrite(path, tensors=None, **metadata):
+    """Rewrite a safetensors file by hand: its tensors (or ``tensors``), metadata replaced (``None`` drops a key)."""
+    with safe_open(str(path), framework="pt") as f:
+        old, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    meta.update(metadata)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    save_file(old if tensors is None else tensors, str(path), metadata=meta)
+
+
+def test_a_mask_file_without_its_digest_is_refused_unless_asked_for(tmp_path):
+    """64 pruned positions switched on by hand and the digest dropped: refused, naming the file and the opt-in."""
+    model = tiny_gpt2()
+    masks = hand_masks(model)
+    formats.save_masks(mst_hf.MaskState({n: p for n, p in model.named_parameters() if n in masks}, masks), tmp_path)
+    edited = masks[NAMES[0]].clone()
+    edited.view(-1)[(~edited).view(-1).nonzero()[:64, 0]] = True
+    packed = formats.read_mask_file(str(tmp_path))
+    packed[NAMES[0]] = mst_hf.masks.pack_mask(edited)
+    rewrite(tmp_path / formats.MASKS_NAME, packed, digest=None)
+    with pytest.raises(ValueError, match=r"mst_masks\.safetensors.*no `digest`.*allow_unverified=True"):
+        mst_hf.load_masks(tiny_gpt2(), str(tmp_path))
+    loaded = mst_hf.load_masks(tiny_gpt2(), str(tmp_path), allow_unverified=True)  # asked for: read as it is
+    assert torch.equal(loaded.masks[NAMES[0]], edited)
+
+
+def test_an_edited_alias_of_a_compact_file_is_refused(tmp_path):
+    """The aliases decide which tensor a name gets: an edit that would load the token embedding into an untied LM
+    head breaks the digest."""
+    untied = tiny_gpt2(seed=2, tie_word_embeddings=False)
+    mst_hf.save_sparse(untied, str(tmp_path))
+    rewrite(tmp_path / formats.SPARSE_NAME, aliases=TIED)
+    with pytest.raises(ValueError, match=r"mst_sparse\.safetensors.*digest"):
+        mst_hf.load_sparse(str(tmp_path))
+
+
+def test_a_first_release_alias_is_read_only_for_a_model_that_ties_the_same_names(tmp_path):
+    """A first-release file's aliases are outside its digest: a model that does not tie them is refused (the file
+    would decide which tensor its LM head gets) unless asked for."""
+    model = tiny_gpt2(seed=2, tie_word_embeddings=False)
+    write_v1_compact_file(tmp_path / "m.safetensors", model, hand_masks(model))
+    with pytest.raises(ValueError, match=r"m\.safetensors.*`aliases`.*not tied.*allow_unverified=True"):
+        mst_hf.load_sparse(str(tmp_path / "m.safetensors"), tiny_gpt2(seed=3, tie_word_embeddings=False))
+    loaded = mst_hf.load_sparse(str(tmp_path / "m.safetensors"), tiny_gpt2(seed=3, tie_word_embeddings=False),
+                                allow_unverified=True)
+    assert torch.equal(loaded.lm_head.weight, model.transformer.wte.weight)
+
+
+MALFORMED_ALIASES = {
+    "not JSON": '{"lm_head.weight": ',
+    "a list": '["lm_head.weight"]',
+    "a number as target": '{"lm_head.weight": 5}',
+    "an unknown target": '{"lm_head.weight": "transformer.nope.weight"}',
+    "a cycle": '{"lm_head.weight": "transformer.x.weight", "transformer.x.weight": "lm_head.weight"}',
+    "an alias over a stored tensor": '{"transformer.wpe.weight": "transformer.wte.weight"}',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ALIASES))
+def test_malformed_aliases_are_refused_naming_file_key_and_value(case, tmp_path):
+    model = tiny_gpt2()
+    write_v1_compact_file(tmp_path / "m.safetensors", model, hand_masks(model), aliases=MALFORMED_ALIASES[case])
+    with pytest.raises(ValueError, match=r"m\.safetensors.*`aliases`.*save it again"):
+        formats.read_sparse(str(tmp_path / "m.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------- reproducible bytes

@@ -6,6 +6,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math  # noqa: E402
+import re  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -170,3 +171,43 @@ def test_card_says_how_to_load_a_model_saved_with_sparse_attention_on(tmp_path):
         as_trained = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="mst_hsa").eval()(x).logits
         plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits
     assert torch.allclose(saved, as_trained, atol=1e-5) and not torch.allclose(saved, plain, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- crafted card values
+CRAFTED = {  # a value in the files (or the info dict) the card is built from, and the field the error names
+    "a metric that is text": ({"metrics": {"eval_loss": "low"}}, r"`metrics\['eval_loss'\]`"),
+    "a FLOP reduction that is a list": ({"metrics": {"mst/flop_reduction": [3]}},
+                                        r"`metrics\['mst/flop_reduction'\]`"),
+    "a sparsity that is text": ({"sparsity": "80%"}, "`sparsity`"),
+    "a step that is text": ({"saved_at_step": "ten"}, "`saved_at_step`"),
+    "a config value JSON cannot write": ({"target_modules": {"c_attn"}}, "`target_modules`"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_card_value_is_refused_naming_it(case, tmp_path):
+    info, field = CRAFTED[case]
+    with pytest.raises(ValueError, match=rf"{field}.*is"):
+        mst_hf.io.write_model_card(str(tmp_path), info)
+
+
+def test_card_values_cannot_break_the_card(tmp_path):
+    """A regex with `|`, a backtick, a newline or the section's end marker stays inside its table cell, and a huge
+    eval loss gives an infinite perplexity instead of an OverflowError."""
+    from mst_hf.io.hub import CARD_END, CARD_START
+
+    regex = "h\\.\\d+\\.(attn|mlp)`x`\n" + CARD_END
+    info = {"target_modules": regex, "metrics": {"eval_loss": 1e6}}
+    mst_hf.io.write_model_card(str(tmp_path), info, title="two\nlines | title")
+    path = mst_hf.io.write_model_card(str(tmp_path), info)  # rewritten: the earlier section is replaced, not kept
+    text = Path(path).read_text()
+    assert text.count(CARD_START) == 1 and text.count(CARD_END) == 1
+    row = next(line for line in text.splitlines() if line.startswith("| `target_modules`"))
+    assert len(re.findall(r"(?<!\\)\|", row)) == 3  # two cells: every `|` of the value is escaped
+    assert "| Perplexity (exp of eval loss) | inf |" in text and "# two lines" in text
+
+
+def test_an_existing_card_with_unreadable_metadata_is_refused_naming_it(tmp_path):
+    (tmp_path / "README.md").write_text("---\ntags: 5\n---\n\n# model\n")
+    with pytest.raises(ValueError, match=r"README\.md.*tags"):
+        mst_hf.io.write_model_card(str(tmp_path), {"sparsity": 0.5})

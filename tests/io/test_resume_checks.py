@@ -6,9 +6,15 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 import mst_hf
@@ -103,6 +109,78 @@ def test_corrupt_weights_are_refused_naming_the_file(copy, tmp_path):
     refused_before_loading(trainer, copy / f"checkpoint-{N}", ValueError, r"model\.safetensors.*corrupt")
 
 
+def test_masks_switched_on_by_hand_without_digests_are_not_resumed(copy, tmp_path):
+    """64 pruned positions switched on, the mask file's digest and mst_state.json's `masks_digest` dropped: nothing
+    is left to show the edit, so the mask file is refused (a resume never reads an unverified one)."""
+    checkpoint = copy / f"checkpoint-{N}"
+    with safe_open(str(checkpoint / MASKS_NAME), framework="pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in packed if not k.endswith(".__shape__"))
+    mask = mst_hf.masks.unpack_mask(packed[name], tuple(packed[name + ".__shape__"].tolist()))
+    mask.view(-1)[(~mask).view(-1).nonzero()[:64, 0]] = True
+    packed[name] = mst_hf.masks.pack_mask(mask)
+    save_file(packed, str(checkpoint / MASKS_NAME), metadata={"format": "mst_hf", "version": "1"})
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    del state["masks_digest"]
+    (checkpoint / STATE_NAME).write_text(json.dumps(state))
+    trainer = build_trainer(tmp_path / "new", model_seed=1)
+    refused_before_loading(trainer, checkpoint, ValueError, r"mst_masks\.safetensors.*no `digest`")
+
+
+# ---------------------------------------------------------------------------------------------- crafted folders
+def index_to(checkpoint, shard):
+    """Give the checkpoint a weight index naming ``shard`` for every weight (as a sharded save would)."""
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, str(shard))}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def without_blocking(fn, fifo, seconds=10):
+    """``fn()``'s result or exception, after checking that it took less than ``seconds``. Opening a FIFO blocks
+    until a writer comes (holding the GIL, so no thread can watch it): a helper process opens ``fifo`` for writing
+    after ``2 * seconds`` to release a blocked call, which then fails the time check."""
+    writer = subprocess.Popen(["sh", "-c", f"sleep {2 * seconds}; exec 3> '{fifo}'"])
+    start = time.monotonic()
+    try:
+        out = {"result": fn()}
+    except Exception as err:  # handed to the test
+        out = {"error": err}
+    finally:
+        writer.kill()
+        writer.wait()
+    assert time.monotonic() - start < seconds, f"blocked opening the FIFO {fifo}"
+    return out
+
+
+def test_a_weight_index_naming_a_fifo_neither_blocks_nor_is_read(copy):
+    checkpoint = copy / f"checkpoint-{N}"
+    os.mkfifo(checkpoint / "shard.safetensors")
+    index_to(checkpoint, "shard.safetensors")
+    found = without_blocking(lambda: mst_hf.last_complete_checkpoint(str(copy)), checkpoint / "shard.safetensors")
+    assert found == {"result": str(copy / f"checkpoint-{EVERY}")}
+    controller = MSTController(tiny_gpt2(seed=1), mst_config())
+    args = TrainingArguments("unused", max_steps=N, report_to=[], use_cpu=True)
+    checked = without_blocking(lambda: check_mst_checkpoint(str(checkpoint), controller, args=args),
+                               checkpoint / "shard.safetensors")
+    assert isinstance(checked.get("error"), ValueError)
+    assert "shard.safetensors" in str(checked["error"]) and "not a regular file" in str(checked["error"])
+
+
+OUTSIDE = {"absolute path": "{copy}/outside.safetensors", "parent folder": "../outside.safetensors",
+           "symlink out": "link.safetensors", "NUL byte": "outside.safetensors\0"}
+
+
+@pytest.mark.parametrize("where", list(OUTSIDE))
+def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(where, copy, tmp_path):
+    checkpoint = copy / f"checkpoint-{N}"
+    index_to(checkpoint, OUTSIDE[where].format(copy=copy))
+    shutil.move(checkpoint / "model.safetensors", copy / "outside.safetensors")
+    os.symlink(copy / "outside.safetensors", checkpoint / "link.safetensors")
+    trainer = build_trainer(tmp_path / "new", model_seed=1)
+    refused_before_loading(trainer, checkpoint, ValueError, r"`weight_map`.*safetensors.*outside the checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------- silent differences
 def test_a_different_run_length_warns_with_both_values(run, caplog):
     controller = MSTController(tiny_gpt2(seed=1), mst_config())
@@ -179,3 +257,30 @@ def test_load_sparse_from_an_untied_file_into_a_tied_model_is_refused(tmp_path):
     rebuilt = mst_hf.load_sparse(str(tmp_path))  # from the saved config.json: untied, both tensors kept
     assert torch.equal(rebuilt.lm_head.weight, untied.lm_head.weight)
     assert torch.equal(rebuilt.transformer.wte.weight, untied.transformer.wte.weight)
+
+
+@contextmanager
+def time_limit(seconds):
+    """Fail (``TimeoutError``) when the block runs longer than ``seconds``; regex matching checks for signals."""
+    def expire(*_):
+        raise TimeoutError(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("pattern", ["(.*)*Z", "(a+)+$", "(x|x)*y"])
+def test_load_masks_refuses_a_saved_catastrophic_target_regex_at_once(pattern, copy):
+    """A downloaded folder's mst_config.json is user input: a regex with nested quantifiers would take minutes per
+    module name to fail. It is refused before any name is matched."""
+    saved = copy / f"checkpoint-{N}"
+    data = json.loads((saved / "mst_config.json").read_text())
+    data["target_modules"] = pattern
+    (saved / "mst_config.json").write_text(json.dumps(data))
+    with time_limit(10), pytest.raises(ValueError, match=r"mst_config\.json.*`target_modules`.*nested"):
+        mst_hf.load_masks(tiny_gpt2(), str(saved))
