@@ -33,16 +33,9 @@ import numpy as np
 
 from . import allocation, conventions, predict, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
+from .model_sizes import MODEL_SIZES, model_config
 from .presets import DEFAULT_PRESET
 
-# Named GPT-2 sizes for the CLI (nanoGPT's padded vocabulary, tied head, context 1024).
-MODEL_SIZES = {
-    "gpt2-tiny": dict(n_layer=2, n_embd=128, n_head=2),
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12),
-    "gpt2-350m": dict(n_layer=24, n_embd=1024, n_head=16),
-    "gpt2-774m": dict(n_layer=36, n_embd=1280, n_head=20),
-    "gpt2-1558m": dict(n_layer=48, n_embd=1600, n_head=25),
-}
 _CURVE_CODES = {"cubic": 0, "linear": 1, "cosine": 2}
 
 
@@ -176,14 +169,14 @@ def target_sparsity_array(total_steps: int, config, updates: list[int] | None = 
 
 def build_meta_model(model_or_config):
     """A causal LM on the ``meta`` device (shapes only) from a transformers config, a named size
-    (``MODEL_SIZES``), or a path to a ``config.json`` (or its folder)."""
+    (:data:`mst_hf.model_sizes.MODEL_SIZES`), or a path to a ``config.json`` (or its folder)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = model_or_config
     if isinstance(config, str):
         if config in MODEL_SIZES:
-            config = GPT2Config(vocab_size=50304, n_positions=1024, **MODEL_SIZES[config])
+            config = model_config(config)
         elif os.path.exists(config):
             config = AutoConfig.from_pretrained(config)
         else:
