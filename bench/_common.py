@@ -6,12 +6,15 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
-GPT2_SIZES = {
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12),
+from mst_hf.model_sizes import MODEL_SIZES, model_config
+
+# GPT-2 sizes only these benchmarks use (the library's GPT-2 vocabulary and context, other dimensions); the GPT-2
+# names of mst_hf.model_sizes.MODEL_SIZES work too
+BENCH_GPT2_SIZES = {
     "gpt2-mini": dict(n_layer=6, n_embd=512, n_head=8),
-    "gpt2-tiny": dict(n_layer=4, n_embd=256, n_head=4),
+    "gpt2-4x256": dict(n_layer=4, n_embd=256, n_head=4),
 }
 
 
@@ -33,10 +36,14 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 
 def gpt2(size: str, seq_len: int, seed: int = 0, attn_implementation: str = "sdpa"):
+    gpt2_names = [n for n, c in MODEL_SIZES.items() if c["model_type"] == "gpt2"] + list(BENCH_GPT2_SIZES)
+    if size not in gpt2_names:
+        raise ValueError(f"Unknown GPT-2 size {size!r}; choose one of {', '.join(gpt2_names)}.")
     torch.manual_seed(seed)
+    base, dims = ("gpt2-124m", BENCH_GPT2_SIZES[size]) if size in BENCH_GPT2_SIZES else (size, {})
     # No dropout (as in current pretraining recipes); attention dropout would also rule out the FlexAttention path.
-    cfg = GPT2Config(vocab_size=50304, n_positions=max(seq_len, 1024), attn_pdrop=0.0, resid_pdrop=0.0,
-                     embd_pdrop=0.0, **GPT2_SIZES[size])
+    cfg = model_config(base, n_positions=max(seq_len, 1024), attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                       **dims)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
 
 

@@ -31,25 +31,30 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
 from mst_hf.kernels import disable_block_sparse, enable_block_sparse, expand_block_mask
+from mst_hf.model_sizes import model_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from blocksparse_common import hardware, random_block_mask  # noqa: E402
 
+NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+
+
+def sized(name, layer_field, **overrides):
+    """A config maker of the library's named size ``name``: ``layers`` (None: the size's own) replaces its depth."""
+    return lambda layers: model_config(name, **overrides, **({layer_field: layers} if layers else {}))
+
+
+# name -> (config maker of the layer count, sequences per step, sequence length); sizes from mst_hf.model_sizes
 MODELS = {
-    "gpt2-124m": (lambda layers: GPT2Config(
-        vocab_size=50304, n_positions=1024, n_embd=768, n_layer=layers or 12, n_head=12, attn_pdrop=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0), 16, 1024),
-    "gpt2-d2048": (lambda layers: GPT2Config(
-        vocab_size=50304, n_positions=2048, n_embd=2048, n_layer=layers or 24, n_head=16, attn_pdrop=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0), 8, 2048),
-    "llama-d2048": (lambda layers: LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 16,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048), 8, 2048),
+    "gpt2-124m": (sized("gpt2-124m", "n_layer", **NO_DROPOUT), 16, 1024),
+    "gpt2-d2048": (sized("gpt2-d2048", "n_layer", n_positions=2048, **NO_DROPOUT), 8, 2048),
+    "llama-d2048": (sized("llama-d2048", "num_hidden_layers"), 8, 2048),
     # --smoke only
-    "gpt2-tiny": (lambda layers: GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                                            attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0), 2, 16),
-    "llama-tiny": (lambda layers: LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=2, num_key_value_heads=2), 2, 16),
+    "gpt2-smoke": (lambda layers: GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                             **NO_DROPOUT), 2, 16),
+    "llama-smoke": (lambda layers: LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
+                    2, 16),
 }
 MASK_BLOCK = 128
 DEVICE, DTYPE = "cuda", torch.bfloat16  # --smoke: CPU interpreter, float16, blocks of 16
@@ -221,7 +226,7 @@ def main(argv=None):
     if args.smoke:
         global DEVICE, DTYPE, MASK_BLOCK
         DEVICE, DTYPE, MASK_BLOCK = "cpu", torch.float16, 16
-        args.models, args.blocks, args.steps, args.rounds, args.warmup = ["gpt2-tiny", "llama-tiny"], [16], 1, 1, 1
+        args.models, args.blocks, args.steps, args.rounds, args.warmup = ["gpt2-smoke", "llama-smoke"], [16], 1, 1, 1
     elif not torch.cuda.is_available():
         raise SystemExit("bench/blocksparse_step.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1).")
     os.makedirs(args.out, exist_ok=True)

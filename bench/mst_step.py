@@ -23,22 +23,19 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer
+from mst_hf.model_sizes import model_config
 
+# name -> config maker of the sequence length; sizes from mst_hf.model_sizes, "tiny" only here
 MODELS = {
-    # Llama-style, d=2048 (Llama-3.2-1B's block shapes, 32k vocabulary): about 1.1B parameters
-    "llama-1b": lambda seq: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
-                                        max_position_embeddings=seq, tie_word_embeddings=False),
-    "llama-1b-8l": lambda seq: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
-                                           num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
-                                           max_position_embeddings=seq, tie_word_embeddings=False),
+    "llama-1b": lambda seq: model_config("llama-1b", max_position_embeddings=seq),
+    "llama-1b-8l": lambda seq: model_config("llama-1b", num_hidden_layers=8, max_position_embeddings=seq),
     "tiny": lambda seq: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=seq),
-    "gpt2-124m": lambda seq: GPT2Config(vocab_size=50304, n_positions=seq, n_layer=12, n_embd=768, n_head=12,
-                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "gpt2-124m": lambda seq: model_config("gpt2-124m", n_positions=seq, attn_pdrop=0.0, resid_pdrop=0.0,
+                                          embd_pdrop=0.0),
 }
 
 

@@ -17,13 +17,15 @@ a callback, so both count the same FLOPs and get the same masks)::
 own micro-batch and the count is multiplied by the world size (every rank is assumed to see the same shape).
 """
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from . import recipe, schedule, sharding, topology
+from . import allocation, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
 from .masks import MaskState, mask_fingerprint
 from .targets import TargetWeight, require_targets, unwrap_model
@@ -142,16 +144,15 @@ class MSTController:
             self._refuse_sharded_kernels(moved.values())
         self.masks.rebind(moved)
         for name, param in moved.items():
-            self.targets[name].param = param
+            self.targets[name] = dataclasses.replace(self.targets[name], param=param)
 
     def shapes(self) -> list[tuple[int, int]]:
         return [(t.n_in, t.n_out) for t in self.targets.values()]
 
     def target_densities(self, sparsity: float) -> dict[str, float]:
-        """Per-layer densities for a global ``sparsity`` under the configured allocation."""
-        caps = recipe.lm_head_caps([t.is_lm_head for t in self.targets.values()], self.config)
-        densities = topology.allocate(self.shapes(), sparsity, self.config.sparsity_distribution, caps)
-        return dict(zip(self.targets, densities))
+        """Per-layer densities for a global ``sparsity`` under the configured allocation
+        (:func:`mst_hf.allocation.layer_densities`, the head cap included)."""
+        return allocation.layer_densities(self.targets.values(), self.config, sparsity)
 
     def _generator(self, step: int, layer_index: int, device: torch.device) -> torch.Generator:
         """A generator that depends only on (seed, step, layer): identical on every rank, and nothing to save."""

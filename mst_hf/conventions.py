@@ -20,6 +20,7 @@ baseline is the same for all, so the reductions are comparable.
 import dataclasses
 
 from .attention.impl.triton.launch import triton_tile_pairs
+from . import allocation
 from .flops import FlopModel
 
 CONVENTIONS = ("headline", "attention_tiles", "no_attention_credit", "dense_lm_head", "strictest")
@@ -62,20 +63,12 @@ def convention_flop_models(flop_model: FlopModel) -> dict[str, FlopModel | None]
 def lm_head_sparsity(flop_model: FlopModel, mst_config, sparsity: float) -> dict[str, float] | None:
     """At global ``sparsity``: the LM head's sparsity and the sparsity of the other targets together, as the
     controller allocates them (``lm_head_max_sparsity`` included); ``None`` when the head is not a target."""
-    from . import recipe
-    from .topology import active_count, allocate
-
-    targets = list({m.name: m for m in flop_model.targets}.values())
-    if not any(m.is_lm_head for m in targets):
+    targets = allocation.distinct_targets(flop_model.matmuls)
+    head = [m for m in targets if m.is_lm_head]
+    if not head:
         return None
-    caps = recipe.lm_head_caps([m.is_lm_head for m in targets], mst_config)
-    densities = allocate([(m.n_in, m.n_out) for m in targets], sparsity, mst_config.sparsity_distribution, caps)
-    head = [(m, d) for m, d in zip(targets, densities) if m.is_lm_head]
-    rest = [(m, d) for m, d in zip(targets, densities) if not m.is_lm_head]
-
-    def sparsity_of(pairs):
-        total = sum(m.numel for m, _ in pairs)
-        return 1.0 - sum(active_count(m.numel, d) for m, d in pairs) / total if total else 0.0
-
-    return {"lm_head": sparsity_of(head), "other_targets": sparsity_of(rest),
-            "lm_head_share": sum(m.numel for m, _ in head) / sum(m.numel for m in targets)}
+    densities = allocation.layer_densities(targets, mst_config, sparsity)
+    rest = [m for m in targets if not m.is_lm_head]
+    return {"lm_head": allocation.counted_sparsity(head, densities),
+            "other_targets": allocation.counted_sparsity(rest, densities),
+            "lm_head_share": sum(m.numel for m in head) / sum(m.numel for m in targets)}

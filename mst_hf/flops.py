@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .allocation import Matmul  # the one weight-matrix record (also mst_hf.flops.Matmul)
 from .attention.patterns import HSASpec
 from .targets import find_targets, unwrap_model
 from .topology import active_count
@@ -43,23 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the shapes of a model
-
-
-@dataclass(frozen=True)
-class Matmul:
-    """One weight matrix applied to every token: ``n_in x n_out``; ``name`` is its parameter name (the first name
-    of a tied parameter, as in :func:`mst_hf.find_targets`)."""
-
-    name: str
-    module_name: str
-    n_in: int
-    n_out: int
-    is_target: bool
-    is_lm_head: bool = False  # the model's output embedding (``lm_head_max_sparsity`` caps it)
-
-    @property
-    def numel(self) -> int:
-        return self.n_in * self.n_out
 
 
 @dataclass(frozen=True)
@@ -153,13 +137,16 @@ def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
         first_names.setdefault(id(p), n)
     matmuls = []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_weight = getattr(embedding, "weight", None)
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, (nn.Linear, Conv1D)) or weight is None or weight.ndim != 2:
             continue
         name = first_names.get(id(weight), module_name + ".weight")
         n_in, n_out = weight.shape if isinstance(module, Conv1D) else weight.shape[::-1]  # Conv1D stores (in, out)
-        matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names, module is head))
+        matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names, module is head,
+                              weight is embedding_weight))
 
     config = getattr(model, "config", None)
     n_layers, attn_dim = _attention_size(config)

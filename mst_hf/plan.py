@@ -4,8 +4,8 @@
 :class:`~mst_hf.MSTController` does, so a real run's logged ``mst/total_flops`` equals the plan's total:
 
 * the masks in force during step ``t`` are those set at the last topology update *before* ``t`` (the initial masks
-  for step 0): per layer ``topology.active_count(numel, density)`` with the densities of the configured allocation
-  (Erdős–Rényi or uniform) at the schedule's target sparsity of that update step;
+  for step 0): per layer ``topology.active_count(numel, density)`` with the controller's densities
+  (:func:`mst_hf.allocation.layer_densities`) at the schedule's target sparsity of that update step;
 * an update step additionally pays the dense weight gradient of the inactive part of those masks;
 * attention uses the HSA pattern's exact mean attended keys in the steps where ``schedule.hsa_active`` is on
   (only in the ``hsa_layers``), dense causal attention elsewhere.
@@ -31,19 +31,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import conventions, predict, recipe, schedule
+from . import allocation, conventions, predict, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
+from .model_sizes import MODEL_SIZES, model_config
 from .presets import DEFAULT_PRESET
-from .topology import active_count, allocate
 
-# Named GPT-2 sizes for the CLI (nanoGPT's padded vocabulary, tied head, context 1024).
-MODEL_SIZES = {
-    "gpt2-tiny": dict(n_layer=2, n_embd=128, n_head=2),
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12),
-    "gpt2-350m": dict(n_layer=24, n_embd=1024, n_head=16),
-    "gpt2-774m": dict(n_layer=36, n_embd=1280, n_head=20),
-    "gpt2-1558m": dict(n_layer=48, n_embd=1600, n_head=25),
-}
 _CURVE_CODES = {"cubic": 0, "linear": 1, "cosine": 2}
 
 
@@ -177,14 +169,14 @@ def target_sparsity_array(total_steps: int, config, updates: list[int] | None = 
 
 def build_meta_model(model_or_config):
     """A causal LM on the ``meta`` device (shapes only) from a transformers config, a named size
-    (``MODEL_SIZES``), or a path to a ``config.json`` (or its folder)."""
+    (:data:`mst_hf.model_sizes.MODEL_SIZES`), or a path to a ``config.json`` (or its folder)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = model_or_config
     if isinstance(config, str):
         if config in MODEL_SIZES:
-            config = GPT2Config(vocab_size=50304, n_positions=1024, **MODEL_SIZES[config])
+            config = model_config(config)
         elif os.path.exists(config):
             config = AutoConfig.from_pretrained(config)
         else:
@@ -225,18 +217,13 @@ def plan_run(model_or_config, mst_config, total_steps: int, tokens_per_step: int
     cfg = SimpleNamespace(**mst_config.mst_dict()) if hasattr(mst_config, "mst_dict") else mst_config
     steps = total_steps
     updates = fast_update_steps(steps, cfg)
-    names = list(dict.fromkeys(m.name for m in fm.targets))  # find_targets' order, a tied matrix once
-    numels = {m.name: m.numel for m in fm.targets}
-    shapes = [(m.n_in, m.n_out) for m in {m.name: m for m in fm.targets}.values()]
-    caps = recipe.lm_head_caps([m.is_lm_head for m in {m.name: m for m in fm.targets}.values()], cfg)
-    n_target = sum(numels.values())
+    targets = allocation.distinct_targets(fm.matmuls)  # find_targets' order, a tied matrix once
 
     @cache
     def masks_at(sparsity: float) -> tuple[dict, float]:
         """Per-layer densities the controller sets at global ``sparsity``, and the sparsity of their active counts."""
-        densities = dict(zip(names, allocate(shapes, sparsity, cfg.sparsity_distribution, caps)))
-        active = sum(active_count(numels[n], d) for n, d in densities.items())
-        return densities, (1.0 - active / n_target if n_target else 0.0)
+        densities = allocation.layer_densities(targets, cfg, sparsity)
+        return densities, allocation.counted_sparsity(targets, densities)
 
     # in_force[i]: masks during the steps (updates[i-1], updates[i]]; in_force[0]: the initial masks
     in_force = [masks_at(cfg.initial_sparsity)] + [masks_at(schedule.target_sparsity(u, steps, cfg)) for u in updates]

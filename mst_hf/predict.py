@@ -21,8 +21,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import recipe, schedule
-from .topology import active_tiles, allocate
+from . import allocation, schedule
+from .topology import active_tiles
 
 NOTE = ("Matmul time only (every Linear/Conv1D, forward and backward): attention, norms, the loss and the optimizer "
         "are not predicted; the rest of the step is unchanged, so the whole-step speed-up is smaller.")
@@ -263,9 +263,7 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
         notes.append("No layer of this model has a measured shape within a factor 4: times are not predicted.")
         dense_step = None
 
-    targets = list({m.name: m for m in fm.targets}.values())
-    shapes = [(m.n_in, m.n_out) for m in targets]
-    caps = recipe.lm_head_caps([m.is_lm_head for m in targets], cfg)
+    targets = allocation.distinct_targets(matmuls)
     index = {m.name: i for i, m in enumerate(matmuls)}
 
     memo: dict = {}
@@ -275,9 +273,10 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
         if sparsity in memo:
             return memo[sparsity]
         ms, n_block, unmeasured = dense_step, 0, False
-        densities = allocate(shapes, sparsity, cfg.sparsity_distribution, caps) if kernels_on else []
-        for m, d in zip(targets, densities):
-            if m.n_in % block or m.n_out % block:
+        densities = allocation.layer_densities(targets, cfg, sparsity) if kernels_on else {}
+        for m in targets:
+            d = densities.get(m.name)
+            if d is None or m.n_in % block or m.n_out % block:
                 continue
             grid = (m.n_in // block) * (m.n_out // block)
             tile_density = active_tiles((m.n_in, m.n_out), block, d) / grid

@@ -64,15 +64,6 @@ def validate_recipe(cfg) -> None:
         )
 
 
-def lm_head_caps(is_lm_head: list[bool], cfg) -> list[float | None] | None:
-    """The ``max_sparsity`` argument of :func:`mst_hf.topology.allocate` for targets flagged ``is_lm_head``, or
-    ``None`` when no cap is set."""
-    cap = getattr(cfg, "lm_head_max_sparsity", None)
-    if cap is None:
-        return None
-    return [cap if head else None for head in is_lm_head]
-
-
 def phase_lr_scheduler(optimizer, total_steps: int, cfg, warmup_steps: int = 0):
     """A ``torch.optim.lr_scheduler.LambdaLR`` of :func:`mst_hf.schedule.lr_multiplier` (``cfg.lr_schedule``,
     aligned with the phases of ``cfg``) over ``total_steps`` optimizer steps, after ``warmup_steps`` of linear

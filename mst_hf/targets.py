@@ -8,12 +8,15 @@ PEFT-style: a list of module-name suffixes, or one regex that must match the who
 
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
+
+from . import allocation
+from .allocation import Matmul
 
 logger = logging.get_logger(__name__)
 
@@ -35,21 +38,14 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
-@dataclass
-class TargetWeight:
-    """One sparsified matrix: its parameter, the module using it, and its matmul shape ``n_in x n_out``."""
+@dataclass(frozen=True)
+class TargetWeight(Matmul):
+    """One sparsified matrix: the :class:`~mst_hf.allocation.Matmul` record of its name, module and matmul shape
+    ``n_in x n_out`` (``is_target`` true), plus the live parameter. ``name`` is the parameter name as in
+    ``model.named_parameters()`` (tied weights: the first name). Frozen: when FSDP2 swaps the parameter, the
+    controller replaces the record (``dataclasses.replace(t, param=new)``)."""
 
-    name: str  # parameter name as in model.named_parameters() (tied weights: the first name)
-    module_name: str
-    param: nn.Parameter
-    n_in: int
-    n_out: int
-    is_lm_head: bool = False
-    tied: bool = False
-
-    @property
-    def numel(self) -> int:
-        return self.n_in * self.n_out
+    param: nn.Parameter = field(kw_only=True, compare=False, repr=False)
 
 
 def _matches(name: str, spec) -> bool:
@@ -106,7 +102,7 @@ def find_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
             continue
         n_in, n_out = _shape(module)
         tied = input_embeddings is not None and getattr(input_embeddings, "weight", None) is module.weight
-        targets[name] = TargetWeight(name, module_name, module.weight, n_in, n_out, is_head, tied)
+        targets[name] = TargetWeight(name, module_name, n_in, n_out, True, is_head, tied, param=module.weight)
     return targets
 
 
@@ -200,11 +196,5 @@ def layer_sparsities(model: nn.Module, mst_config, sparsity: float) -> dict[str,
 
     Only shapes are read, so a model built on the ``meta`` device works (no memory for weights).
     """
-    from .recipe import lm_head_caps
-    from .topology import allocate
-
-    targets = find_targets(model, mst_config)
-    caps = lm_head_caps([t.is_lm_head for t in targets.values()], mst_config)
-    densities = allocate([(t.n_in, t.n_out) for t in targets.values()], sparsity, mst_config.sparsity_distribution,
-                         caps)
-    return {name: 1.0 - d for name, d in zip(targets, densities)}
+    densities = allocation.layer_densities(find_targets(model, mst_config).values(), mst_config, sparsity)
+    return {name: 1.0 - d for name, d in densities.items()}

@@ -167,3 +167,31 @@ def test_research_tooling_modules_hold_one_idea_each():
     long = {name: n for p in TOOLING if (name := str(p.relative_to(REPO))) not in tables
             and (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+# --------------------------------------------------------------------------- one policy, one place
+ALLOCATION_PRIMITIVES = {"allocate", "erdos_renyi_densities", "uniform_densities", "ALLOCATIONS"}
+ALLOWED_TO_ALLOCATE = {"mst_hf.allocation", "mst_hf.topology"}
+
+
+def _primitive_uses(module: str) -> list[str]:
+    """Where ``module`` reaches topology's allocation primitives: a call, an attribute read, or an import."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Name) and node.id in ALLOCATION_PRIMITIVES:
+            found.append(f"line {node.lineno}: {node.id}")
+        elif isinstance(node, ast.Attribute) and node.attr in ALLOCATION_PRIMITIVES:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name in ALLOCATION_PRIMITIVES]
+    return found
+
+
+def test_only_the_allocation_module_splits_the_sparsity_over_layers():
+    # per-layer densities (the head cap included) come from mst_hf.allocation.layer_densities and nowhere else
+    offenders = {m: uses for m in MODULES if m not in ALLOWED_TO_ALLOCATE and (uses := _primitive_uses(m))}
+    assert offenders == {}
+
+
+def test_the_allocation_module_sits_on_topology_alone():
+    assert GRAPH["mst_hf.allocation"] == {"mst_hf.topology"}
