@@ -19,8 +19,8 @@ baseline is the same for all, so the reductions are comparable.
 
 import dataclasses
 
-from .attention.impl.triton.launch import triton_tile_pairs
 from . import allocation
+from .attention.impl.triton.launch import triton_tile_pairs
 from .flops import FlopModel
 
 CONVENTIONS = ("headline", "attention_tiles", "no_attention_credit", "dense_lm_head", "strictest")

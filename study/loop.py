@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from mst_hf import MSTConfig, MSTController, model_flop_shapes
 from mst_hf.flops import dense_token_flops
-from mst_hf.io.formats import write_json
+from mst_hf.io.files import write_json
 from mst_hf.plan import convention_reductions
 from mst_hf.reporting import describe_hardware, package_versions
 from mst_hf.schedule import lr_multiplier

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import mst_hf
-from mst_hf.io.formats import write_json
+from mst_hf.io.files import write_json
 
 from .arms import DEFAULT_ARMS, RUNGS, Study, parse_arms, parse_value
 from .data import EOT, load_tokens, train_bpe
