@@ -21,7 +21,6 @@ from .spikes import DEFAULT_THRESHOLD, record_spikes
 from .sweep import is_sweep_command, sweep_lines
 
 RENAMED = {"tiles": "attention_tiles", "dense_head": "dense_lm_head"}  # names of records before the library's
-__all__ = ["flops_to_reach", "study_report"]
 
 
 def _load_rows(folder: str, spike_threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
@@ -39,9 +38,9 @@ def _load_rows(folder: str, spike_threshold: float = DEFAULT_THRESHOLD) -> list[
     return rows
 
 
-def _val(r: dict, key: str = "val") -> str:
-    """A final loss, marked when the run had a loss spike."""
-    return f"{r['final'][key]:.4f}" + (" (unstable)" if r.get("unstable") else "")
+def _val(r: dict) -> str:
+    """A final validation loss, marked when the run had a loss spike."""
+    return f"{r['final']['val']:.4f}" + (" (unstable)" if r.get("unstable") else "")
 
 
 def _argv(folder: str) -> list[str] | None:
