@@ -66,7 +66,8 @@ class MSTConfig(PretrainedConfig):
         hsa_head_split: half the heads local, half strided (only for ``local_strided``).
         lr_schedule / lr_floor / lr_decay_start: ``None`` (the Trainer's scheduler), ``"cosine_floor"`` or ``"wsd"``
             (decay from ``lr_decay_start``, default the restoration start), ending at ``lr_floor`` x the peak.
-        regrow_optimizer_state: ``"zero"`` or ``"warm"`` (Adam moments of regrown weights from the dense gradient).
+        regrow_optimizer_state: ``"zero"``, ``"warm"`` (Adam moments of regrown weights from the dense gradient) or
+            ``"restart"`` (zeroed moments and the weight's own bias correction restarted: ``mst_hf.optim``).
         regrow_init / regrow_init_scale: ``"zero"`` or ``"gradient"`` (regrown weights start a small step against
             the dense gradient, RMS ``regrow_init_scale`` x the layer's mean ``|w|``).
         lm_head_max_sparsity: cap on the LM head's sparsity (``None``: no cap); the other targets absorb the rest.
@@ -154,7 +155,8 @@ class MSTConfig(PretrainedConfig):
         default=None, metadata={"help": "wsd: fraction of the run where the LR decay starts (None: restoration)."}
     )
     regrow_optimizer_state: str = field(
-        default="zero", metadata={"help": "Adam moments of regrown weights: zero, or warm (from the dense gradient)."}
+        default="zero", metadata={"help": "Adam moments of regrown weights: zero, warm (from the dense gradient), or "
+                                  "restart (zeroed, own bias correction restarted: ElementwiseAdamW)."}
     )
     regrow_init: str = field(
         default="zero", metadata={"help": "Value of regrown weights: zero, or gradient (a small step against it)."}

@@ -235,7 +235,17 @@ class MaskState:
         and regrown at once is unchanged).
 
         With the parameter's dense gradient in ``.grad`` (a topology update), ``regrow_optimizer_state="warm"`` and
-        ``regrow_init="gradient"`` start the added positions from it instead (:func:`warm_regrown`)."""
+        ``regrow_init="gradient"`` start the added positions from it instead (:func:`warm_regrown`).
+        ``regrow_optimizer_state="restart"`` needs an optimizer that counts steps per element
+        (:class:`mst_hf.optim.ElementwiseAdamW`): zeroing the state zeroes those counts too, so a regrown weight's
+        bias correction restarts at step 1."""
+        if regrow_optimizer_state == "restart" and optimizer is not None and not counts_element_steps(optimizer):
+            raise ValueError(
+                f"regrow_optimizer_state='restart' restarts the bias correction of each regrown weight, which needs "
+                f"an optimizer with a step count per element; got {type(optimizer).__name__}. Use "
+                "mst_hf.optim.ElementwiseAdamW (MSTTrainer creates one for this setting) or set "
+                "`regrow_optimizer_state='zero'`."
+            )
         param, old = self.params[name], self.masks[name]
         self._store(name, new_mask.to(device=old.device, dtype=torch.bool))
         new = self.masks[name]  # this process's part (all of it unless sharded): every change below is local
@@ -310,6 +320,14 @@ def zero_optimizer_state(optimizer, param: torch.Tensor, positions: torch.Tensor
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             layout.local(value).masked_fill_(positions.to(value.device), 0)
+
+
+def counts_element_steps(optimizer) -> bool:
+    """Whether ``optimizer`` (or the torch optimizer inside accelerate's ``AcceleratedOptimizer``) keeps a step count
+    per element in its state (``counts_element_steps = True``, as :class:`mst_hf.optim.ElementwiseAdamW`)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return bool(getattr(optimizer, "counts_element_steps", False))
 
 
 def _adam_betas(optimizer, param) -> tuple[float, float] | None:

@@ -10,7 +10,7 @@ import math
 
 from . import schedule
 
-REGROW_OPTIMIZER_STATES = ("zero", "warm")
+REGROW_OPTIMIZER_STATES = ("zero", "warm", "restart")
 REGROW_INITS = ("zero", "gradient")
 
 

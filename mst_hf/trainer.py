@@ -16,6 +16,7 @@ this class calls it at the right points of Trainer's own loop (never a copy of t
 import os
 import shutil
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import logging
@@ -26,6 +27,7 @@ from .controller import MSTController
 from .defaults import run_config, sequence_length
 from .io import hub
 from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+from .optim import ElementwiseAdamW
 from .presets import DEFAULT_PRESET
 from .targets import PEFT_REFUSAL, has_peft_layers
 
@@ -129,7 +131,29 @@ class MSTTrainer(Trainer):
         output.metrics.update(self.mst.flops.metrics())
         return output
 
-    # ------------------------------------------------------------------ learning rate
+    # ------------------------------------------------------------------ optimizer and learning rate
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with ``mst_config.regrow_optimizer_state="restart"`` an
+        :class:`mst_hf.optim.ElementwiseAdamW` with the Trainer's AdamW settings (learning rate, betas, epsilon and
+        weight-decay groups) instead, so that each regrown weight's bias correction restarts at step 1."""
+        if (self.mst_config.regrow_optimizer_state != "restart" or self.optimizer is not None
+                or self.optimizer_cls_and_kwargs is not None):
+            return super().create_optimizer(model)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
+        if cls is not torch.optim.AdamW:
+            optim = getattr(self.args.optim, "value", self.args.optim)
+            raise ValueError(
+                f"regrow_optimizer_state='restart' replaces torch's AdamW by mst_hf.optim.ElementwiseAdamW, but "
+                f"TrainingArguments.optim={optim!r} selects {cls.__name__}. Use optim='adamw_torch' "
+                "(or 'adamw_torch_fused') or set `regrow_optimizer_state='zero'`."
+            )
+        settings = {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
+        self.optimizer_cls_and_kwargs = (ElementwiseAdamW, settings)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = None
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's scheduler, unless ``mst_config.lr_schedule`` is set: then a ``LambdaLR`` of
         :func:`mst_hf.schedule.lr_multiplier` over the run's optimizer steps, with the warm-up of

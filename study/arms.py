@@ -12,6 +12,9 @@ from mst_hf import MSTConfig, model_flop_shapes
 from mst_hf.flops import dense_token_flops
 from mst_hf.plan import plan_run
 
+from .noise import REPEAT_TAG
+from .sweep import sweep_label, sweep_lrs
+
 RUNGS = {
     "S": dict(n_layer=4, n_embd=192, n_head=3),
     "M": dict(n_layer=6, n_embd=256, n_head=4),
@@ -19,6 +22,7 @@ RUNGS = {
 }
 BASE_ARMS = ("dense", "mst", "rigl", "static", "gmp", "gmp_matched", "small_dense")
 DEFAULT_ARMS = "dense,mst,rigl,static,gmp,gmp_matched,small_dense"
+DENSE_ARMS = ("dense", "small_dense")
 
 
 def model_config(args, n_embd=None, n_head=None) -> GPT2Config:
@@ -42,10 +46,41 @@ def parse_value(text: str):
         return text
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# study key -> (valid value?, what it must be)
+_STUDY_KEY_RULES = {
+    "lr": (lambda v: _number(v) and v > 0, "a positive number (the peak learning rate, e.g. 2e-3)"),
+    "passes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "adam_beta2": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "lr_density_exponent": (_number, "a number (e.g. 0.5: lr / density**0.5 on each masked matrix)"),
+    "masked_weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0 (AdamW's decay on the masked matrices)"),
+}
+STUDY_KEYS = tuple(_STUDY_KEY_RULES)  # arm keys the study reads itself (training side), never MSTConfig fields
+
+
+def check_study_keys(label: str, base: str, overrides: dict) -> None:
+    """Refuse a bad value of a study key (``STUDY_KEYS``) of ``--arm label=base:...``."""
+    for key, (valid, want) in _STUDY_KEY_RULES.items():
+        if key in overrides and not valid(overrides[key]):
+            raise ValueError(f"`--arm {label}=...`: `{key}` must be {want}, got {overrides[key]!r}.")
+    masked_only = sorted({"lr_density_exponent", "masked_weight_decay"} & set(overrides))
+    if base in DENSE_ARMS and masked_only:
+        raise ValueError(f"`--arm {label}={base}:...` sets {masked_only}, which act on masked matrices; a dense arm "
+                         "has none. Set them on a sparse arm.")
+
+
 def parse_arms(args) -> dict[str, tuple[str, dict]]:
-    """``label -> (base arm, MSTConfig overrides)`` from ``--arms`` and every ``--arm LABEL=BASE:key=value[@SEEDS]``.
-    A dense arm's overrides may only be learning-rate fields (``lr_schedule``, ``lr_floor``, ``lr_decay_start``);
-    any arm may also set ``adam_beta2`` (AdamW's beta2, default 0.95), which is not an MSTConfig field."""
+    """``label -> (base arm, overrides)`` from ``--arms`` and every ``--arm LABEL=BASE:key=value[@SEEDS]``, then
+    every arm at every LR of a sweep (``ARM@lr=V``, :func:`study.sweep.sweep_lrs`), then a same-seed repeat
+    ``LABEL#rep`` of every label of ``--repeat``.
+
+    Overrides are ``MSTConfig`` fields, except the study keys (``STUDY_KEYS``): ``lr`` (the peak learning rate),
+    ``passes`` (passes over the run's training blocks), ``adam_beta2`` (AdamW's beta2, default 0.95), and for
+    sparse arms ``lr_density_exponent`` and ``masked_weight_decay``. A dense arm's other overrides may only be
+    learning-rate fields (``lr_schedule``, ``lr_floor``, ``lr_decay_start``)."""
     arms = {}
     for name in [a for a in args.arms.split(",") if a]:
         if name not in BASE_ARMS:
@@ -58,6 +93,16 @@ def parse_arms(args) -> dict[str, tuple[str, dict]]:
         if not label or base not in BASE_ARMS or any("=" not in p for p in pairs):
             raise ValueError(f"`--arm {spec}` must read LABEL=BASE:field=value:... with BASE in {BASE_ARMS}.")
         arms[label] = (base, {k: parse_value(v) for k, v in (p.split("=", 1) for p in pairs)})
+    for label, (base, overrides) in arms.items():
+        check_study_keys(label, base, overrides)
+    lrs = sweep_lrs(args)
+    if lrs:
+        arms = {sweep_label(label, lr): (base, {**ov, "lr": lr}) for label, (base, ov) in arms.items() for lr in lrs}
+    for label in [x for x in getattr(args, "repeat", "").split(",") if x]:
+        if label not in arms:
+            raise ValueError(f"`--repeat` names {label!r}, which is not a run of this command; its runs are "
+                             f"{sorted(arms)}.")
+        arms[label + REPEAT_TAG] = arms[label]
     return arms
 
 
@@ -75,11 +120,13 @@ def constant_config(args, seed: int, density: float, **fields) -> MSTConfig:
     return MSTConfig(**base)
 
 
-def gmp_config(args, seed: int, start: float, end: float, sparsity: float) -> tuple[MSTConfig, int]:
+def gmp_config(args, seed: int, start: float, end: float, sparsity: float,
+               steps: int | None = None) -> tuple[MSTConfig, int]:
     """GMP as an MSTConfig run on a delayed clock: the controller sees step ``max(0, t - delay)`` of a run of
-    ``T - delay`` steps, whose warm-up (the cubic ramp of Zhu & Gupta) spans ``[start, end)`` of the real run; no
-    drop-and-grow (``drop_fraction=0``), so an update only prunes by magnitude. Returns ``(config, delay)``."""
-    delay = int(round(start * args.steps))
+    ``T - delay`` steps (``T``: ``steps``, default ``--steps``), whose warm-up (the cubic ramp of Zhu & Gupta)
+    spans ``[start, end)`` of the real run; no drop-and-grow (``drop_fraction=0``), so an update only prunes by
+    magnitude. Returns ``(config, delay)``."""
+    delay = int(round(start * (steps or args.steps)))
     ramp = (end - start) / (1.0 - start)
     cfg = MSTConfig(initial_sparsity=0.0, ultra_sparsity=sparsity, final_sparsity=sparsity, warmup_ratio=ramp,
                     restoration_ratio=0.0, drop_fraction=0.0, drop_fraction_schedule="constant",
@@ -161,8 +208,9 @@ class Study:
                 best = {"n_embd": d, "n_head": n_head, "token_flops": per_token, "mst_token_flops": target}
         return best
 
-    def arm(self, base: str, seed: int, overrides: dict):
-        """``(model config, MSTConfig or None, delay)`` of one arm."""
+    def arm(self, base: str, seed: int, overrides: dict, steps: int | None = None):
+        """``(model config, MSTConfig or None, delay)`` of one arm in a run of ``steps`` steps (default ``--steps``;
+        only GMP's delay depends on it)."""
         args = self.args
         if base == "dense":
             return self.base_cfg, None, 0
@@ -177,5 +225,5 @@ class Study:
             fields.update(overrides)
             return self.base_cfg, constant_config(args, seed, self.mst_density, **fields), 0
         g = self.gmp if base == "gmp" else self.gmp_matched
-        cfg, delay = gmp_config(args, seed, g["start"], g["end"], g["sparsity"])
+        cfg, delay = gmp_config(args, seed, g["start"], g["end"], g["sparsity"], steps)
         return self.base_cfg, cfg, delay

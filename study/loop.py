@@ -15,16 +15,18 @@ from transformers import AutoModelForCausalLM
 from mst_hf import MSTConfig, MSTController, model_flop_shapes
 from mst_hf.flops import dense_token_flops
 from mst_hf.io.files import write_json
+from mst_hf.optim import ElementwiseAdamW
 from mst_hf.plan import convention_reductions
 from mst_hf.reporting import describe_hardware, package_versions
 from mst_hf.schedule import lr_multiplier
 
-from .arms import Study
+from .arms import STUDY_KEYS, Study
 from .data import load_tokens
 from .pricing import ConventionMeters, flop_shares
+from .spikes import DEFAULT_THRESHOLD, detect_spikes, spike_rule
 
 LR_FIELDS = ("lr_schedule", "lr_floor", "lr_decay_start")  # what a dense arm's overrides may set
-TRAIN_FIELDS = ("adam_beta2",)  # training-side overrides, not MSTConfig fields
+MATRIX_DECAY = 0.1  # AdamW's weight decay on matrices and embeddings (none on biases and norms)
 
 
 def lr_config(args, cfg: MSTConfig | None, overrides: dict, label: str) -> MSTConfig:
@@ -38,14 +40,56 @@ def lr_config(args, cfg: MSTConfig | None, overrides: dict, label: str) -> MSTCo
         bad = sorted(set(overrides) - set(LR_FIELDS))
         if bad:
             raise ValueError(f"`--arm {label}=...`: a dense arm only takes the learning-rate overrides {LR_FIELDS} "
-                             f"(and {TRAIN_FIELDS}), got {bad}; set other fields on a sparse arm.")
+                             f"(and the study keys {STUDY_KEYS}), got {bad}; set other fields on a sparse arm.")
         fields.update(overrides)
     return MSTConfig(hsa_pattern="dense", **fields)
 
 
-def warmup_steps(args) -> int:
-    """``--lr_warmup`` of the steps, at least one."""
-    return max(1, int(round(args.lr_warmup * args.steps)))
+def warmup_steps(args, steps: int | None = None) -> int:
+    """``--lr_warmup`` of the run's ``steps`` (default ``--steps``), at least one."""
+    return max(1, int(round(args.lr_warmup * (steps or args.steps))))
+
+
+def training_order(n_blocks: int, per_pass: int, seed: int, passes: int = 1) -> torch.Tensor:
+    """The block of every sequence of the run, pass after pass: the first ``per_pass`` blocks of a permutation of
+    the ``n_blocks`` training blocks drawn from a generator seeded by ``seed`` (pass 0: the single-pass order), then
+    for each later pass the same blocks in a fresh order, the next permutation the same generator draws."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(n_blocks, generator=generator)[:per_pass]
+    later = [blocks[torch.randperm(per_pass, generator=generator)] for _ in range(1, passes)]
+    return torch.cat([blocks, *later]) if later else blocks
+
+
+def param_groups(model, ctl, overrides: dict) -> tuple[list[dict], list[str | None]]:
+    """AdamW's parameter groups and, per group, the masked matrix it holds (``None`` for the others).
+
+    Decay ``MATRIX_DECAY`` on matrices and embeddings, none on biases and norms; with ``lr_density_exponent`` or
+    ``masked_weight_decay`` in ``overrides``, each masked matrix gets a group of its own (the weight decay
+    ``masked_weight_decay``; its learning rate is scaled by :func:`lr_lambdas`)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    if ctl is None or not {"lr_density_exponent", "masked_weight_decay"} & set(overrides):
+        return [{"params": decay, "weight_decay": MATRIX_DECAY}, {"params": no_decay, "weight_decay": 0.0}], [None] * 2
+    masked = {id(p): name for name, p in ctl.masks.params.items()}
+    groups = [{"params": [p for p in decay if id(p) not in masked], "weight_decay": MATRIX_DECAY},
+              {"params": no_decay, "weight_decay": 0.0}]
+    wd = float(overrides.get("masked_weight_decay", MATRIX_DECAY))
+    groups += [{"params": [p], "weight_decay": wd} for p in ctl.masks.params.values()]
+    names = [None, None, *ctl.masks.params]
+    kept = [i for i, g in enumerate(groups) if g["params"]]
+    return [groups[i] for i in kept], [names[i] for i in kept]
+
+
+def lr_lambdas(multiplier, ctl, names: list[str | None], exponent: float | None) -> list:
+    """One ``LambdaLR`` factor per group: ``multiplier(t)``, divided for a masked matrix's group by
+    ``density ** exponent``, the density of its mask when the learning rate is set (after the previous step)."""
+    def scaled(name):
+        def factor(t):
+            density = ctl.masks.density(name)
+            return multiplier(t) / density**exponent if density > 0 else multiplier(t)
+        return factor
+
+    return [multiplier if name is None or exponent is None else scaled(name) for name in names]
 
 
 @torch.no_grad()
@@ -99,30 +143,36 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     if needed > len(train):
         raise ValueError(f"{args.steps} steps x {args.batch} sequences need {needed} blocks of {args.seq_len} "
                          f"tokens; the training split has {len(train)}. Lower --steps.")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:needed].to(device)
+    # the study keys of the arm: passes over the blocks, peak LR, Adam's beta2 (e.g. HF's default 0.999 for 0.95)
+    passes = int(overrides.get("passes", getattr(args, "passes", 1)))
+    steps, lr = args.steps * passes, float(overrides.get("lr", args.lr))
+    beta2 = float(overrides.get("adam_beta2", 0.95))
+    threshold = float(getattr(args, "spike_threshold", DEFAULT_THRESHOLD))
+    order = training_order(len(train), needed, seed, passes).to(device)
     evals = {s: blocks_of(load_tokens(os.path.join(args.data, f"{s}.bin")), args.seq_len, device)
              for s in ("val", "heldout")}
     curve_sets = {s: b[: args.curve_blocks] for s, b in evals.items()}
     extra = extra_val_blocks(args, device)
 
-    # training-side overrides: Adam's beta2, e.g. HF's default 0.999 instead of 0.95
-    beta2 = float(overrides.get("adam_beta2", 0.95))
-    mst_overrides = {k: v for k, v in overrides.items() if k not in TRAIN_FIELDS}
-    mcfg, cfg, delay = study.arm(base, seed, mst_overrides)
+    mst_overrides = {k: v for k, v in overrides.items() if k not in STUDY_KEYS}
+    mcfg, cfg, delay = study.arm(base, seed, mst_overrides, steps)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(mcfg, attn_implementation="sdpa").to(device)
     ctl = MSTController(model, cfg) if cfg is not None else None
     fm = ctl.flops.flop_model if ctl is not None else model_flop_shapes(model, MSTConfig(hsa_pattern="dense"))
     pricing = ConventionMeters(fm)
     meter = ctl.flops if ctl is not None else pricing.meters["headline"]  # the run's counted FLOPs
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, beta2), fused=device.type == "cuda")
-    lr_cfg, warm = lr_config(args, cfg, mst_overrides, label), warmup_steps(args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_multiplier(t, args.steps, lr_cfg, warm))
-    total_sched = args.steps - delay
-    eval_steps = set(np.linspace(0, args.steps, args.evals + 1).round().astype(int).tolist()[1:])
+    groups, group_masks = param_groups(model, ctl, overrides)
+    if cfg is not None and cfg.regrow_optimizer_state == "restart":  # per-element bias correction (mst_hf.optim)
+        opt = ElementwiseAdamW(groups, lr=lr, betas=(0.9, beta2))
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
+    lr_cfg, warm = lr_config(args, cfg, mst_overrides, label), warmup_steps(args, steps)
+    lambdas = lr_lambdas(lambda t: lr_multiplier(t, steps, lr_cfg, warm), ctl, group_masks,
+                         overrides.get("lr_density_exponent"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    total_sched = steps - delay
+    eval_steps = set(np.linspace(0, steps, args.evals + 1).round().astype(int).tolist()[1:])
     n_active_sum = 0
     curve = [{"step": 0, "tokens": 0, "flops": 0.0,
               **{s: evaluate(model, b, args.eval_batch, autocast) for s, b in curve_sets.items()}}]
@@ -133,22 +183,24 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     # the library's plan-based conventions (mst_hf.conventions) of an undelayed sparse arm
     planned = None
     if cfg is not None and delay == 0:
-        planned = convention_reductions(fm, cfg, args.steps, args.batch * args.seq_len, args.seq_len)
+        planned = convention_reductions(fm, cfg, steps, args.batch * args.seq_len, args.seq_len)
 
     def snapshot(steps_done: int, final: dict | None) -> dict:
         """The run's record after ``steps_done`` steps (``final`` evaluations only at the end)."""
         tokens = steps_done * args.batch * args.seq_len
         base_dense = tokens * dense_token_flops(study.base_fm, args.seq_len)
         conventions = pricing.totals()
+        spikes = detect_spikes(losses, steps, threshold)
         return {
             "label": label, "arm": base, "overrides": overrides, "seed": seed, "rung": args.rung,
-            "complete": final is not None,
+            "complete": final is not None, "lr": lr, "passes": passes, "steps_per_pass": args.steps,
+            "spike_rule": spike_rule(threshold), "spikes": spikes, "unstable": bool(spikes),
             "model": {"n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "n_head": mcfg.n_head,
                       "vocab": mcfg.vocab_size, "non_embedding_params": non_embedding, "matmul_params": fm.n_params,
                       "mean_active_matmul_params": non_target + n_active_sum / max(1, steps_done),
                       "flop_shares": flop_shares(fm, args.seq_len)},
             "mst_config": cfg.mst_dict() if cfg is not None else None, "schedule_delay_steps": delay,
-            "steps": steps_done, "planned_steps": args.steps, "tokens": tokens,
+            "steps": steps_done, "planned_steps": steps, "tokens": tokens,
             "counted_flops": float(meter.total_flops), "base_dense_flops": float(base_dense),
             "reduction": {k: None if v is None else base_dense / v if v else 1.0 for k, v in conventions.items()},
             "conventions_flops": conventions, "planned_conventions": planned,
@@ -160,7 +212,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
 
-    for step in range(args.steps):
+    for step in range(steps):
         x = train[order[step * args.batch : (step + 1) * args.batch]].long()
         s = max(0, step - delay)
         if ctl is not None:
@@ -181,7 +233,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
         if ctl is not None:
             ctl.after_optimizer_step()
         sched.step()
-        if (step + 1) % max(1, args.steps // 50) == 0:
+        if (step + 1) % max(1, steps // 50) == 0:
             losses.append((step + 1, float(loss.detach())))
         if step + 1 in eval_steps:
             if device.type == "cuda":
@@ -190,11 +242,14 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch * args.seq_len,
                           "flops": float(meter.total_flops),
                           **{k: evaluate(model, b, args.eval_batch, autocast) for k, b in curve_sets.items()}})
-            print(f"[{label} s{seed}] step {step + 1}/{args.steps} val {curve[-1]['val']:.4f} heldout "
+            print(f"[{label} s{seed}] step {step + 1}/{steps} val {curve[-1]['val']:.4f} heldout "
                   f"{curve[-1]['heldout']:.4f} ({train_time:.0f}s)", flush=True)
             if out_path:  # a run stopped by the launcher's budget still leaves its curve
                 write_json(out_path, snapshot(step + 1, None))
             t_prev = time.time()
     limit = args.final_blocks or None
     final = {k: evaluate(model, b[:limit], args.eval_batch, autocast) for k, b in {**evals, **extra}.items()}
-    return snapshot(args.steps, final)
+    record = snapshot(steps, final)
+    if record["unstable"]:
+        print(f"[{label} s{seed}] unstable: loss spikes {record['spikes']}", flush=True)
+    return record

@@ -2,7 +2,10 @@
 
 The reductions are those each record carries (its FLOPs under each convention of :mod:`mst_hf.conventions`, priced
 by :mod:`study.pricing`); records written before the conventions took the library's names are read under those
-names (``tiles`` -> ``attention_tiles``, ``dense_head`` -> ``dense_lm_head``) with the values they hold.
+names (``tiles`` -> ``attention_tiles``, ``dense_head`` -> ``dense_lm_head``) with the values they hold. Every table
+comes with the noise floor (:mod:`study.noise`: differences below it print as ``~``); unstable runs
+(:mod:`study.spikes`) are marked ``(unstable)``; a sweep adds its arm x LR table and confirm command
+(:mod:`study.sweep`), ``frontier=True`` the dense frontier (:mod:`study.frontier`).
 """
 
 import json
@@ -12,24 +15,15 @@ import numpy as np
 
 from mst_hf.conventions import CONVENTIONS
 
+from .frontier import DEFAULT_TOLERANCE, flops_to_reach, frontier_lines
+from .noise import arm_name, diff_text, floor_line, noise_floor, noise_sources, noise_table
+from .spikes import DEFAULT_THRESHOLD, record_spikes
+from .sweep import is_sweep_command, sweep_lines
+
 RENAMED = {"tiles": "attention_tiles", "dense_head": "dense_lm_head"}  # names of records before the library's
 
 
-def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """First FLOP count at which a ``(flops, loss)`` curve reaches ``target`` (linear interpolation between the
-    two evaluations around the crossing), or ``None`` when it never does."""
-    prev = None
-    for flops, loss in curve:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return float(flops)
-            f0, l0 = prev
-            return float(f0 + (flops - f0) * (l0 - target) / (l0 - loss))
-        prev = (flops, loss)
-    return None
-
-
-def _load_rows(folder: str) -> list[dict]:
+def _load_rows(folder: str, spike_threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
     rows = []
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and "-s" in name and name not in ("args.json", "study_plan.json"):
@@ -40,26 +34,45 @@ def _load_rows(folder: str) -> list[dict]:
             if not row.get("complete", True):  # stopped early: its last curve point stands in for the final loss
                 row["label"] += f" (stopped at step {row['steps']}/{row['planned_steps']})"
                 row["final"] = {"val": row["curve"][-1]["val"], "heldout": row["curve"][-1]["heldout"]}
-            rows.append(row)
+            rows.append(record_spikes(row, spike_threshold))
     return rows
+
+
+def _val(r: dict) -> str:
+    """A final validation loss, marked when the run had a loss spike."""
+    return f"{r['final']['val']:.4f}" + (" (unstable)" if r.get("unstable") else "")
+
+
+def _argv(folder: str) -> list[str] | None:
+    """The arguments of the command that wrote ``folder`` (``args.json``), or ``None``."""
+    path = os.path.join(folder, "args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved.get("argv") or saved.get("command", "python -m study").split()[3:]
 
 
 def _fmt(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def study_report(folder: str, out: str | None = None, reference: str = "dense", compare: str = "mst") -> str:
+def study_report(folder: str, out: str | None = None, reference: str = "dense", compare: str = "mst",
+                 frontier: bool = False, noise_arms: list[str] | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                 spike_threshold: float = DEFAULT_THRESHOLD) -> str:
     """``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs) from the per-run JSONs.
 
     ``folder`` may list several folders (comma-separated) of runs of the same rung: a run (label, seed) found again
     in a later folder is a rerun, reported in a note instead of a second row. Output goes to ``out`` (default: the
     first folder). ``reference`` is the dense arm that the gaps and "FLOPs to reach its final loss" are measured
     against (e.g. ``dense_wsd`` when the best sparse arms use that schedule); ``compare`` the arm of the
-    "val - ..." column."""
+    "val - ..." column. ``noise_arms`` (default: ``reference`` and ``compare``) set the noise floor; ``frontier``
+    adds the dense-frontier tables (budgets grouped within ``tolerance``); runs are judged unstable by
+    ``spike_threshold`` where their record does not say."""
     folders = [f for f in folder.split(",") if f]
     rows, seen, reruns = [], set(), []
     for f in folders:
-        for r in _load_rows(f):
+        for r in _load_rows(f, spike_threshold):
             key = (r["label"], r["seed"])
             (reruns.append(r) if key in seen else rows.append(r))
             seen.add(key)
@@ -74,20 +87,27 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
                 commands.append(json.load(fh).get("command", "python -m study ..."))
     args = {"command": "`; `".join(commands)} if commands else {}
     labels = {r["label"] for r in rows}
+    names = labels | {arm_name(x) for x in labels}  # a sweep's ARM@lr=V runs belong to ARM
     for name, label, default in (("reference", reference, "dense"), ("compare", compare, "mst")):
-        if label not in labels and label != default:  # the defaults may be absent (a batch of other arms)
+        if label not in names and label != default:  # the defaults may be absent (a batch of other arms)
             raise ValueError(f"{name}={label!r}: no such arm in {folder!r}; arms: {sorted(labels)}.")
+    noise_arms = noise_arms or [reference, compare]
+    sources = noise_sources(rows, reruns)
+    floor = noise_floor(sources, noise_arms)
+    under = floor_line(floor, noise_arms)
     dense = [r for r in rows if r["label"] == reference]
     dense_final = {r["seed"]: r["final"]["val"] for r in dense}
     dense_curve_final = float(np.mean([r["curve"][-1]["val"] for r in dense])) if dense else None
     dense_flops = float(np.mean([r["counted_flops"] for r in dense])) if dense else None
     extra = sorted({k for r in rows for k in r["final"] if k not in ("val", "heldout")})
     r0 = rows[0]
+    per_pass, step_tokens = r0.get("steps_per_pass", r0["steps"]), r0["tokens"] // r0["steps"]
+    multi = ", ".join(sorted({f"{r['label']} {r['passes']}" for r in rows if r.get("passes", 1) > 1}))
     lines = [
         f"Command: `{args.get('command', 'python -m study ...')}`",
         f"Date: {max(r['date'] for r in rows)}; hardware: {r0['hardware']}; {r0['versions']}",
-        f"Rung {r0['rung']}: {r0['steps']} steps x {r0['tokens'] // r0['steps']:,} tokens = {r0['tokens']:,} "
-        "training tokens per run (every arm, single pass over the blocks it sees).",
+        f"Rung {r0['rung']}: {per_pass} steps x {step_tokens:,} tokens = {per_pass * step_tokens:,} training "
+        f"tokens per pass; passes: {multi or '1 (every run)'}.",
         "",
         "| arm | seed | model (L x d) | non-emb. params | tokens / non-emb. param | val loss | held-out loss | "
         + "".join(f"{e} | " for e in extra)
@@ -101,15 +121,16 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
         m, fin = r["model"], r["final"]
         ref = dense_final.get(r["seed"])
         gap = None if ref is None else (fin["val"] - ref) / ref * 100
+        gap_txt = "-" if gap is None else "~" if diff_text(fin["val"] - ref, floor) == "~" else f"{gap:+.2f}%"
         curve = [(c["flops"], c["val"]) for c in r["curve"]]
         reach = flops_to_reach(curve, dense_curve_final) if dense_curve_final is not None else None
         reach_txt = "not reached" if reach is None else f"{reach:.3e} ({reach / dense_flops:.3f}x)"
         red = r["reduction"]
         lines.append(
             f"| {r['label']} | {r['seed']} | {m['n_layer']} x {m['n_embd']} | {m['non_embedding_params']:,} | "
-            f"{r['tokens'] / m['non_embedding_params']:.1f} | {fin['val']:.4f} | {fin['heldout']:.4f} | "
+            f"{r['tokens'] / m['non_embedding_params']:.1f} | {_val(r)} | {fin['heldout']:.4f} | "
             + "".join(f"{_fmt(fin.get(e))} | " for e in extra)
-            + f"{'-' if gap is None else f'{gap:+.2f}%'} | {r['counted_flops']:.3e} | "
+            + f"{gap_txt} | {r['counted_flops']:.3e} | "
             + " | ".join("n/a" if red[c] is None else f"{red[c]:.2f}x" for c in CONVENTIONS)
             + f" | {reach_txt} | {m['mean_active_matmul_params']:,.0f} | {r['final_sparsity']:.3f} | "
               f"{r['wall_train_s']:.0f} |"
@@ -123,7 +144,7 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
                      f"held-out {r['final']['heldout']:.4f}.")
     compare_vals = [r["final"]["val"] for r in rows if r["label"] == compare]
     compare_mean = float(np.mean(compare_vals)) if compare_vals else None
-    lines += ["", target_note, "",
+    lines += ["", target_note, "", under, "",
               f"Per arm, over seeds (spread = max - min; differences from `{compare}` use the means):",
               "", f"| arm | changes | seeds | val loss (each seed) | mean | spread | val - {compare} "
               "| held-out loss (each seed) | mean | spread | reduction (headline) | strictest |",
@@ -133,11 +154,25 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
         v = [r["final"]["val"] for r in rs]
         h = [r["final"]["heldout"] for r in rs]
         change = ", ".join(f"{k}={val}" for k, val in rs[0].get("overrides", {}).items()) or rs[0]["arm"]
-        delta = "-" if compare_mean is None else f"{np.mean(v) - compare_mean:+.4f}"
+        delta = "-" if compare_mean is None else diff_text(np.mean(v) - compare_mean, floor)
         lines.append(f"| {label} | {change} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{', '.join(f'{x:.4f}' for x in v)} | {np.mean(v):.4f} | {max(v) - min(v):.4f} | {delta} | "
+                     f"{', '.join(_val(r) for r in rs)} | {np.mean(v):.4f} | {max(v) - min(v):.4f} | {delta} | "
                      f"{', '.join(f'{x:.4f}' for x in h)} | {np.mean(h):.4f} | {max(h) - min(h):.4f} | "
                      f"{rs[0]['reduction']['headline']:.2f}x | {rs[0]['reduction']['strictest']:.2f}x |")
+    lines += ["", under]
+    sweep = sweep_lines(rows, floor, next((a for a in map(_argv, folders) if is_sweep_command(a)), None))
+    lines += sweep + (["", under] if sweep else [])
+    lines += (frontier_lines(rows, floor, tolerance) + ["", under]) if frontier else []
+    lines += noise_table(sources, floor, noise_arms)
+    unstable = [r for r in rows + reruns if r.get("unstable")]
+    if unstable:
+        rule = unstable[0]["spike_rule"]
+        lines += ["", f"Unstable runs (a loss spike: the training loss, EMA over {rule['ema_logs']} logs, rose more "
+                      f"than {rule['threshold_nats']} nats above its running minimum after "
+                      f"{rule['after_fraction']:.0%} of the steps); never ranked as the best of anything:"]
+        lines += [f"- {r['label']} seed {r['seed']}: " + ", ".join(
+            f"step {s['step']} (loss {s['loss']:.3f}, min so far {_fmt(s['min_so_far'], '.3f')})" for s in r["spikes"])
+            for r in unstable]
     shares = r0["model"]["flop_shares"]
     lines += ["", f"Dense FLOP shares of the rung (per token, mst_hf.flops): LM head {shares['head']:.1%}, other "
                   f"matmuls {shares['blocks']:.1%}, attention {shares['attention']:.1%}."]

@@ -18,10 +18,13 @@ Arms (``--arms``; ``--arm LABEL=BASE:field=value:...`` adds variants, e.g. ablat
 * ``small_dense``: the same depth, narrower, the width whose dense training FLOPs come closest to MST's planned
   FLOPs (iso-FLOP at equal tokens).
 
-Every arm sees the same blocks in the same order for a seed (single epoch by default), AdamW (beta2 0.95, decay
-0.1 on matrices), the learning rate of :func:`mst_hf.schedule.lr_multiplier` (``cosine_floor`` with a warm-up
-unless the arm sets ``lr_schedule``), bf16 autocast on CUDA. Outputs under ``--out``: one ``ARM-sSEED.json`` per
-run (curves included), ``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs).
+Every arm sees the same blocks in the same order for a seed (single pass by default; ``--passes N`` or an arm's
+``passes=N``: N passes over the same blocks, each in a fresh order), AdamW (beta2 0.95, decay 0.1 on matrices), the
+learning rate of :func:`mst_hf.schedule.lr_multiplier` (``cosine_floor`` with a warm-up unless the arm sets
+``lr_schedule``; peak ``--lr`` or the arm's ``lr=V``), bf16 autocast on CUDA. ``--sweep_lrs`` runs every arm at
+every listed LR (one seed, labels ``ARM@lr=V``); the report then picks each arm's best LR and prints the command
+that confirms it with every seed (:mod:`study.sweep`). Outputs under ``--out``: one ``ARM-sSEED.json`` per run
+(curves, loss spikes included), ``study.md`` (tables) and ``study.png`` (validation loss against counted FLOPs).
 """
 
 import argparse
@@ -39,20 +42,32 @@ from mst_hf.io.files import write_json
 
 from .arms import DEFAULT_ARMS, RUNGS, Study, parse_arms, parse_value
 from .data import EOT, load_tokens, train_bpe
+from .frontier import DEFAULT_TOLERANCE
 from .loop import run_arm
+from .noise import repeat_of
 from .pricing import flop_shares
 from .report import study_report
+from .spikes import DEFAULT_THRESHOLD
+from .sweep import sweep_lrs
 
 
 def tasks(args) -> list[tuple[str, str, dict, int]]:
     """Every (arm, seed) run, in order: ``--seeds`` for the ``--two_seed_arms``, the first seed for the others, and
-    the seeds after ``@`` for an ``--arm`` spec that has them (e.g. ``--arm x=mst:ultra_sparsity=0.8@1``)."""
+    the seeds after ``@`` for an ``--arm`` spec that has them (e.g. ``--arm x=mst:ultra_sparsity=0.8@1``). In a
+    sweep every run has one seed (the first of those), and a repeat ``LABEL#rep`` the first seed of ``LABEL``."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    two = set(parse_arms(args)) if args.two_seed_arms == "all" else set(args.two_seed_arms.split(","))
+    arms = parse_arms(args)
+    two = set(arms) if args.two_seed_arms == "all" else set(args.two_seed_arms.split(","))
     explicit = {spec.partition("=")[0]: [int(x) for x in spec.partition("@")[2].split(",")]
                 for spec in args.arm if "@" in spec}
-    return [(label, base, ov, seed) for label, (base, ov) in parse_arms(args).items()
-            for seed in explicit.get(label, seeds if label in two else seeds[:1])]
+    sweeping = bool(sweep_lrs(args))
+    todo = []
+    for label, (base, ov) in arms.items():
+        source = repeat_of(label) or label
+        arm = source.rpartition("@lr=")[0] if sweeping else source
+        runs = explicit.get(arm, seeds if arm in two else seeds[:1])
+        todo += [(label, base, ov, seed) for seed in (runs[:1] if sweeping or source != label else runs)]
+    return todo
 
 
 def launch(args, study: Study) -> None:
@@ -122,8 +137,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1160, help="optimizer steps (1160 x 64 x 512 = 38.0M tokens)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=1160, help="optimizer steps per pass (1160 x 64 x 512 = 38.0M tokens)")
+    p.add_argument("--passes", type=int, default=1, help="passes over the run's training blocks, each in a fresh "
+                   "order (an arm's passes=N overrides it); steps, FLOPs and schedules scale with it")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (an arm's lr=V overrides it)")
     p.add_argument("--lr_warmup", type=float, default=0.05, help="warm-up, fraction of the steps")
     p.add_argument("--lr_floor", type=float, default=0.1, help="final LR as a fraction of the peak")
     p.add_argument("--preset", default="gpt2-4x", help="MSTConfig preset of the mst arm")
@@ -131,7 +148,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mst_override", action="append", default=[], help="field=value for the mst arm's config")
     p.add_argument("--arms", default=DEFAULT_ARMS)
     p.add_argument("--arm", action="append", default=[], help="LABEL=BASE:field=value:... (repeatable)")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1", help="seeds (a sweep runs the first; its confirm command all)")
+    p.add_argument("--sweep_lrs", default="", help="LR sweep: every arm at each of these peak LRs, one seed "
+                   "(labels ARM@lr=V), e.g. 1e-3,2e-3,4e-3")
+    p.add_argument("--sweep_factor", type=float, default=0.0, help="LR sweep of --sweep_points LRs spaced by this "
+                   "factor around --lr (instead of --sweep_lrs)")
+    p.add_argument("--sweep_points", type=int, default=3, help="with --sweep_factor: how many LRs")
+    p.add_argument("--repeat", default="", help="labels to run again with the same seed (as LABEL#rep): the "
+                   "same-seed noise of the report")
+    p.add_argument("--spike_threshold", type=float, default=DEFAULT_THRESHOLD, help="a run is unstable where its "
+                   "smoothed training loss rises this many nats above its running minimum (after 10%% of the steps)")
     p.add_argument("--two_seed_arms", default="dense,mst,rigl", help="arms run with every seed ('all': every arm)")
     p.add_argument("--gmp_start", type=float, default=0.25)
     p.add_argument("--gmp_end", type=float, default=0.75)
@@ -149,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="dense", help="with --report: the dense arm gaps and 'FLOPs to reach' "
                    "use (e.g. dense_wsd)")
     p.add_argument("--compare", default="mst", help="with --report: the arm of the 'val - ARM' column")
+    p.add_argument("--noise_arms", default="", help="arms whose seed spread and same-seed repeats set the noise "
+                   "floor (default: --reference and --compare)")
+    p.add_argument("--frontier", action="store_true", help="with --report: the dense-frontier tables")
+    p.add_argument("--budget_tolerance", type=float, default=DEFAULT_TOLERANCE, help="with --frontier: counted "
+                   "FLOP totals within this fraction form one budget")
     p.add_argument("--report", default=None, help="only rebuild study.md / study.png from the JSONs of these "
                    "folders (comma-separated; written to --out when given, else the first folder)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -181,9 +212,16 @@ def smoke_setup(args) -> None:
         np.asarray(ids, dtype=np.uint16).tofile(os.path.join(args.data, f"{name}.bin"))
 
 
+def report_options(args) -> dict:
+    return dict(reference=args.reference, compare=args.compare, frontier=args.frontier,
+                noise_arms=[a for a in args.noise_arms.split(",") if a] or None, tolerance=args.budget_tolerance,
+                spike_threshold=args.spike_threshold)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    args.command = "python -m study " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's confirm command is built from it
+    args.command = "python -m study " + " ".join(args.argv)
     if args.args_json:  # a worker: the launcher's arguments, plus which run
         worker_id = args.worker
         with open(args.args_json) as f:
@@ -193,8 +231,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.report:
-        study_report(args.report, args.out if "--out" in args.command.split() else None, args.reference,
-                     args.compare)
+        study_report(args.report, args.out if "--out" in args.argv else None, **report_options(args))
         return 0
     if args.smoke:
         smoke_setup(args)
@@ -212,7 +249,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "study_plan.json"), plan)
     launch(args, study)
-    study_report(args.out)
+    study_report(args.out, **report_options(args))
     return 0
 
 
