@@ -195,3 +195,41 @@ def test_only_the_allocation_module_splits_the_sparsity_over_layers():
 
 def test_the_allocation_module_sits_on_topology_alone():
     assert GRAPH["mst_hf.allocation"] == {"mst_hf.topology"}
+
+
+# --------------------------------------------------------------------------- docs/api.md's layering is the real one
+PACKAGES = ("mst_hf.attention", "mst_hf.kernels", "mst_hf.io", "mst_hf.integrations", "mst_hf.metrics")
+
+
+def _unit(module: str) -> str | None:
+    """The unit of the docs' table a module belongs to (a package counts as one, attention.patterns apart)."""
+    if module == "mst_hf":
+        return None
+    if module == "mst_hf.attention.patterns":
+        return "attention.patterns"
+    package = next((p for p in PACKAGES if module == p or module.startswith(p + ".")), module)
+    return package.removeprefix("mst_hf.")
+
+
+def _documented_tiers() -> dict[str, int]:
+    text = (ROOT.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    block = text.split("## Package layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    tiers, current = {}, None
+    for line in block.strip().splitlines()[1:]:  # the first line is the header
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) < 2:
+            continue
+        current = int(cells[0]) if cells[0] else current
+        for name in cells[1].split():
+            assert name not in tiers, f"{name} is listed twice in docs/api.md's layering"
+            tiers[name] = current
+    return tiers
+
+
+def test_docs_layering_lists_every_unit_and_every_import_goes_down():
+    tiers = _documented_tiers()
+    units = {u for m in MODULES if (u := _unit(m))}
+    assert units == set(tiers), f"missing: {sorted(units - set(tiers))}, unknown: {sorted(set(tiers) - units)}"
+    upward = sorted((a, b) for a, deps in GRAPH.items() for b in deps
+                    if (ua := _unit(a)) and (ub := _unit(b)) and ua != ub and tiers[ub] >= tiers[ua])
+    assert upward == []
