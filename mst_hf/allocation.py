@@ -15,6 +15,7 @@ lowest module that reads it. Pure: imports only :mod:`mst_hf.topology`.
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .topology import active_count, allocate
 
@@ -34,10 +35,17 @@ class Matmul:
     is_target: bool
     is_lm_head: bool = False
     tied: bool = False
+    # share of the tokens using it: ``top_k / n_experts`` for fused MoE experts (`mst_hf.targets.MoEWeight`)
+    tokens_fraction: Fraction = Fraction(1)
 
     @property
     def numel(self) -> int:
         return self.n_in * self.n_out
+
+    @property
+    def token_numel(self) -> int:
+        """Weights one token multiplies: ``numel * tokens_fraction`` (exact for experts: ``n_experts`` divides it)."""
+        return self.numel if self.tokens_fraction == 1 else int(self.numel * self.tokens_fraction)
 
 
 def distinct_targets(matmuls: Iterable[Matmul]) -> list[Matmul]:

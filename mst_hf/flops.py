@@ -37,8 +37,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .allocation import Matmul  # the one weight-matrix record (also mst_hf.flops.Matmul)
 from .attention.patterns import HSASpec
-from .targets import find_targets, unwrap_model
+from .targets import find_targets, moe_weights, unwrap_model
 from .topology import active_count
+from .windows import layer_k_bar, layer_windows
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class FlopModel:
     """Everything the FLOP count needs to know about a model: matmul shapes, attention size, and the HSA settings.
 
     ``hsa`` is the `HSASpec` of the run; ``hsa_layers`` are the layer indices that use its pattern when HSA is on
-    (``hsa.sparse_layers(n_layers)``; the others stay dense causal).
+    (``hsa.sparse_layers(n_layers)``; the others stay dense causal). ``layer_windows``: each layer's own sliding
+    window (``None``: full; empty: none has one), `mst_hf.windows.layer_windows`, intersected with the pattern.
     """
 
     matmuls: tuple[Matmul, ...]
@@ -60,12 +62,18 @@ class FlopModel:
     hsa_layers: tuple[int, ...] = ()
     hsa: HSASpec = HSASpec(pattern="dense")
     max_seq_len: int | None = None
+    layer_windows: tuple[int | None, ...] = ()
     _pairs_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_params(self) -> int:
         """``N``: matmul weights (LM head once)."""
         return sum(m.numel for m in self.matmuls)
+
+    @property
+    def n_token_params(self) -> int:
+        """Matmul weights one token multiplies: ``N`` less the experts a token does not use (``N`` without MoE)."""
+        return sum(m.token_numel for m in self.matmuls)
 
     @property
     def targets(self) -> tuple[Matmul, ...]:
@@ -76,28 +84,22 @@ class FlopModel:
         ``hsa_head_split`` half the heads attend locally and half strided, so a layer's mean can be a half-integer)."""
         key = (seq_len, bool(hsa_on))
         if key not in self._pairs_cache:
-            dense = seq_len * (seq_len + 1)  # 2 * sum_q (q + 1)
-            n_sparse = len(self.hsa_layers) if hsa_on and self.hsa.pattern != "dense" else 0
-            sparse = 0
-            if n_sparse:
-                mean = self.hsa.mean_attended_keys(seq_len)
-                sparse = round(2 * mean * seq_len)  # exact: mean is an integer (or half-integer) over seq_len
-            self._pairs_cache[key] = (self.n_layers - n_sparse) * dense + n_sparse * sparse
+            # exact: each mean is an integer (or half-integer) over seq_len
+            self._pairs_cache[key] = sum(round(2 * k * seq_len) for k in self.k_bar(seq_len, hsa_on))
         return self._pairs_cache[key]
 
     def k_bar(self, seq_len: int, hsa_on: bool) -> list[float]:
-        """Mean attended keys per query, per layer, for sequences of ``seq_len`` tokens."""
-        dense = (seq_len + 1) / 2
-        if not hsa_on or self.hsa.pattern == "dense" or not self.hsa_layers:
-            return [dense] * self.n_layers
-        sparse = self.hsa.mean_attended_keys(seq_len)
-        return [sparse if i in self.hsa_layers else dense for i in range(self.n_layers)]
+        """Mean attended keys per query, per layer, for sequences of ``seq_len`` tokens (`mst_hf.windows.layer_k_bar`:
+        ``(T + 1) / 2`` dense causal, the HSA pattern's mean on a sparse layer, each within its sliding window)."""
+        sparse = self.hsa_layers if hsa_on and self.hsa.pattern != "dense" else ()
+        return layer_k_bar(self.hsa, sparse, self.layer_windows or (None,) * self.n_layers, seq_len)
 
     def attention_density(self, seq_len: int, hsa_on: bool) -> float:
-        """Attended pairs over causal pairs, averaged over layers (1.0 for dense causal attention)."""
+        """Attended pairs over those of the dense baseline (causal, each layer within its own sliding window),
+        averaged over layers: 1.0 for the model's own attention."""
         if self.n_layers == 0:
             return 1.0
-        return self.attended_pairs_x2(seq_len, hsa_on) / (self.n_layers * seq_len * (seq_len + 1))
+        return self.attended_pairs_x2(seq_len, hsa_on) / self.attended_pairs_x2(seq_len, False)
 
 
 def hsa_layer_indices(hsa_layers, n_layers: int) -> tuple[int, ...]:
@@ -147,16 +149,19 @@ def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
         n_in, n_out = weight.shape if isinstance(module, Conv1D) else weight.shape[::-1]  # Conv1D stores (in, out)
         matmuls.append(Matmul(name, module_name, int(n_in), int(n_out), name in target_names, module is head,
                               weight is embedding_weight))
+    for w in moe_weights(model):  # fused 3-D expert tensors and MoE routers (not nn.Linear): dense, never targets
+        matmuls.append(Matmul(w.name, w.module_name, w.n_in, w.n_out, False, tokens_fraction=w.tokens_fraction))
 
     config = getattr(model, "config", None)
     n_layers, attn_dim = _attention_size(config)
     if n_layers == 0:
         logger.warning("MST FLOP count: the model config has no num_hidden_layers/num_attention_heads; attention "
                        "FLOPs are not counted (matmul weights are).")
-    max_seq_len = None
+    max_seq_len, windows = None, ()
     if config is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         max_seq_len = getattr(text, "max_position_embeddings", None)
+        windows = layer_windows(text, n_layers)
     hsa = HSASpec.from_config(mst_config)
     return FlopModel(
         matmuls=tuple(matmuls),
@@ -165,6 +170,7 @@ def model_flop_shapes(model: nn.Module, mst_config=None) -> FlopModel:
         hsa_layers=hsa.sparse_layers(n_layers),
         hsa=hsa,
         max_seq_len=max_seq_len,
+        layer_windows=windows,
     )
 
 
@@ -188,6 +194,9 @@ def _weight_flops(flop_model: FlopModel, active: Mapping[str, int], update_step:
     """Per-token weight FLOPs from active counts: ``6 a`` per matrix, ``+ 2 (numel - a)`` on an update step."""
     total = 0
     for m in flop_model.matmuls:
+        if m.tokens_fraction != 1:  # a fused expert tensor: never a target, dense for the tokens routed to it
+            total += 6 * m.token_numel
+            continue
         a = active.get(m.name, m.numel)
         total += 6 * a + (2 * (m.numel - a) if update_step else 0)
     return total
@@ -215,11 +224,14 @@ def token_flops(flop_model: FlopModel, densities: Mapping[str, float] | None, k_
     return weight_token_flops(flop_model, densities, update_step) + attention_token_flops(flop_model, k_bar)
 
 
-def dense_token_flops(flop_model: FlopModel, seq_len: int, causal: bool = True) -> int:
+def dense_token_flops(flop_model: FlopModel, seq_len: int, causal: bool = True) -> int | float:
     """The dense baseline per token: ``6 N + 12 L d_attn (T + 1) / 2`` (causal, our convention), or with
-    ``causal=False`` nanoGPT's ``6 N + 12 L d_attn T`` (every key counted)."""
-    n, L, d = flop_model.n_params, flop_model.n_layers, flop_model.attn_dim
-    return 6 * n + (6 * L * d * (seq_len + 1) if causal else 12 * L * d * seq_len)
+    ``causal=False`` nanoGPT's ``6 N + 12 L d_attn T``. ``N``: the weights a token multiplies (MoE: its ``top_k``
+    experts); a layer with a sliding window ``w`` has ``k_bar = sum_q min(q + 1, w) / T`` (causal only)."""
+    n, L, d = flop_model.n_token_params, flop_model.n_layers, flop_model.attn_dim
+    if causal:
+        return 6 * n + _attention_step_flops(flop_model, 1, seq_len, False)
+    return 6 * n + 12 * L * d * seq_len
 
 
 def _attention_step_flops(flop_model: FlopModel, tokens: int, seq_len: int, hsa_on: bool) -> int | float:
@@ -314,7 +326,7 @@ class FlopMeter:
         updated after this backward."""
         fm = self.flop_model
         weights = _weight_flops(fm, self._active_counts(masks), update_step)
-        dense_weights = 6 * fm.n_params
+        dense_weights = 6 * fm.n_token_params
         flops = dense = pairs = dense_pairs = 0
         for seq_len, n in sorted(self._pending.items()):
             tokens = n * seq_len

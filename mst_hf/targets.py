@@ -9,6 +9,7 @@ PEFT-style: a list of module-name suffixes, or one regex that must match the who
 import re
 import sys
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
@@ -35,6 +36,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    # MoE: the fused 3-D experts are no nn.Linear (they stay dense, see `moe_weights`) and the router must stay
+    # dense; gate/up/down_proj name only the dense MLPs of `mlp_only_layers` and Qwen2-MoE's shared expert.
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 
@@ -46,6 +52,68 @@ class TargetWeight(Matmul):
     controller replaces the record (``dataclasses.replace(t, param=new)``)."""
 
     param: nn.Parameter = field(kw_only=True, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class MoEWeight:
+    """A mixture-of-experts matrix that is no nn.Linear, so MST leaves it dense: a fused expert tensor
+    ``(n_experts, out, in)``, counted as one ``in x (n_experts * out)`` matrix of which each token uses the
+    ``top_k`` experts it is routed to (``tokens_fraction = top_k / n_experts``), or the router (``(n_experts, in)``,
+    every token)."""
+
+    name: str
+    module_name: str
+    n_in: int
+    n_out: int
+    tokens_fraction: Fraction = Fraction(1)
+    is_router: bool = False
+
+
+def moe_weights(model: nn.Module) -> list[MoEWeight]:
+    """The fused expert tensors (3-D parameters of a module named ``*expert*`` or with ``num_experts``, as
+    transformers 5 stores ``mlp.experts.gate_up_proj``/``down_proj``) and the router beside them (a sibling module
+    with a 2-D ``weight`` of ``n_experts`` rows that is no nn.Linear). ``top_k`` is the config's
+    ``num_experts_per_tok``, else the router's ``top_k``."""
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    modules = dict(model.named_modules())
+    first_names: dict[int, str] = {}
+    for n, p in model.named_parameters():
+        first_names.setdefault(id(p), n)
+    seen: set[int] = set()
+    found: list[MoEWeight] = []
+    for module_name, module in modules.items():
+        fused = [p for p in module.parameters(recurse=False) if p.ndim == 3 and id(p) not in seen]
+        is_experts = "expert" in module_name.rsplit(".", 1)[-1].lower() or hasattr(module, "num_experts")
+        if not fused or not is_experts or isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        n_experts = int(fused[0].shape[0])
+        parent_name = module_name.rpartition(".")[0]
+        routers = [(f"{parent_name}.{n}" if parent_name else n, c) for n, c in modules[parent_name].named_children()
+                   if c is not module and not isinstance(c, (nn.Linear, Conv1D))
+                   and getattr(getattr(c, "weight", None), "ndim", 0) == 2 and c.weight.shape[0] == n_experts]
+        top_k = getattr(text, "num_experts_per_tok", None) or next(
+            (c.top_k for _, c in routers if isinstance(getattr(c, "top_k", None), int)), None)
+        if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+            logger.warning("MST FLOP count: no top-k (`num_experts_per_tok`) found for the experts of %s; every "
+                           "token is counted through all %d experts (an upper bound).", module_name, n_experts)
+            top_k = n_experts
+        for p in fused:
+            seen.add(id(p))
+            e, out_dim, in_dim = (int(x) for x in p.shape)
+            found.append(MoEWeight(first_names[id(p)], module_name, in_dim, e * out_dim, Fraction(top_k, e)))
+        for router_name, router in routers:
+            if id(router.weight) not in seen:
+                seen.add(id(router.weight))
+                n_out, n_in = (int(x) for x in router.weight.shape)
+                found.append(MoEWeight(first_names[id(router.weight)], router_name, n_in, n_out, is_router=True))
+    return found
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """Names of the fused 3-D MoE expert tensors of `model` (dense under MST: see `moe_weights`)."""
+    return [w.name for w in moe_weights(model) if not w.is_router]
 
 
 def _matches(name: str, spec) -> bool:
@@ -166,6 +234,23 @@ def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
             raise TypeError(f"Target weight `{t.name}` has dtype {t.param.dtype}; MST needs floating-point weights "
                             "(quantised models are not supported: exclude it with `exclude_modules`).")
     return targets
+
+
+def warn_fused_experts(model: nn.Module, flop_model) -> None:
+    """Warn that the fused MoE expert tensors stay dense, naming them, with their share of the dense per-token
+    matmul FLOPs (``6 * token_numel`` each, out of ``6 * n_token_params``, read from ``flop_model``, the
+    :class:`mst_hf.flops.FlopModel` of `model`), so that a model reported as 80% sparse is not believed to cost
+    20%. The controller calls it when it is built."""
+    fused = sorted(set(fused_expert_parameters(model)))
+    if not fused or not flop_model.n_token_params:
+        return
+    share = sum(m.token_numel for m in flop_model.matmuls if m.name in set(fused)) / flop_model.n_token_params
+    logger.warning(
+        "MST leaves the %d fused MoE expert weight(s) of this %s dense: %s. MST does not sparsify fused 3-D expert "
+        "weights yet (only nn.Linear/Conv1D); the router stays dense too. The experts a token is routed to are "
+        "%.1f%% of its dense matmul FLOPs: the FLOP count charges them dense, so the model's FLOP reduction stays "
+        "far below what its sparsity suggests.", len(fused), type(unwrap_model(model)).__name__,
+        ", ".join(fused[:4]) + (f" ... ({len(fused) - 4} more)" if len(fused) > 4 else ""), 100 * share)
 
 
 def _refuse_head_only(model: nn.Module, found: dict, mst_config, model_type) -> None:
