@@ -23,7 +23,6 @@ import warnings
 import torch
 
 from .impl import flex, sdpa
-from .impl.common import expand_kv
 from .impl.reference import reference_pattern_attention
 from .impl.triton import TRITON_PATTERNS, triton_attention, triton_available
 from .patterns import BACKENDS, HSASpec, check_pattern_name
@@ -161,8 +160,7 @@ def run_kernel(kernel, query, key, value, spec: HSASpec, scaling=None, dropout=0
     if kernel == "chunk_sdpa" and spec.pattern == "fixed":
         return sdpa.fixed_chunk_sdpa(query, key, value, spec.block, scaling, dropout)
     if kernel == "triton" and _triton_fits(spec, D, dropout):
-        H = query.shape[1]
-        return triton_attention(query, expand_kv(key, H), expand_kv(value, H), spec, scaling)
+        return triton_attention(query, key, value, spec, scaling)  # repeats grouped-query heads itself, copying once
     if kernel == "flex":
         if dropout > 0.0:
             raise NotImplementedError(f"FlexAttention has no dropout (got dropout={dropout}); use backend='sdpa'.")

@@ -15,8 +15,11 @@ its output), so the union is exact. Backward is the flash backward of each part 
 log-sum-exp; the later part adds its dQ, dK, dV to the earlier part's. Every tile applies the exact token mask, so
 the tile ranges only need to cover the pattern.
 
-All (B, H, T, D) tensors of one call share one memory layout (inputs that differ are copied), so the kernels take
-a single stride triple: fewer launch arguments, less host time per launch. The kernels run on CUDA; with
+Memory layouts: the inputs q, k, v share one stride triple and are read where they lie (GPT-2's slices of the fused
+qkv projection, Llama's transposed projections; only inputs whose strides differ are copied, grouped-query keys and
+values once, straight into the query's layout). Everything written (the output, dQ, dK, dV) and the output gradient
+share a second triple: the model's ``(B, T, H, D)`` memory, so ``out.transpose(1, 2)`` is already contiguous and the
+caller's ``.contiguous()`` copies nothing. The kernels run on CUDA; with
 ``TRITON_INTERPRET=1`` set before import they also run on CPU tensors (slow; the CPU tests use that). No dropout
 and no head split here: those use the other kernels.
 """
@@ -147,13 +150,42 @@ def _like(x, ref):
     return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
 
 
+def _model_layout(x):
+    """An empty ``(B, H, T, D)`` tensor like `x` whose memory is ``(B, T, H, D)`` (what transformers passes and takes
+    back: the attention output is transposed to that shape)."""
+    B, H, T, D = x.shape
+    return torch.empty((B, T, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _heads_like(x, ref):
+    """`x` ``(B, Hkv, T, D)`` with each head repeated to `ref`'s ``H`` heads (grouped-query attention), in one copy
+    laid out like `ref` (contiguous, or the model's ``(B, T, H, D)`` memory); the gradient sums over each group."""
+    B, Hkv, T, D = x.shape
+    rep = ref.shape[1] // Hkv
+    if ref.is_contiguous():
+        return x[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
+    x = x.transpose(1, 2)[:, :, :, None].expand(B, T, Hkv, rep, D)  # (B, T, Hkv, rep, D) view
+    return x.reshape(B, T, Hkv * rep, D).transpose(1, 2)
+
+
+def _inputs(q, k, v):
+    """q, k, v with one shared stride triple and a contiguous last dim, copying only what does not fit."""
+    H = q.shape[1]
+    if q.stride(-1) == 1 and k.shape[1] == v.shape[1] == H and k.stride() == v.stride() == q.stride():
+        return q, k, v  # the common case: no copy
+    if q.stride(-1) != 1 or not _dense(q):  # e.g. q alone is a fused slice while k, v are not: the model's layout
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (_like(x if x.shape[1] == H else _heads_like(x, q), q) for x in (k, v))
+    return q, k, v
+
+
 class _TritonHSA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, parts, scale):
         B, H, T, D = q.shape
-        out = torch.empty_like(q)
+        out = _model_layout(q)
         lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # log2 units
-        head = (*q.stride()[:3], scale * LOG2E, scale, H, T)
+        head = (*q.stride()[:3], *out.stride()[:3], scale * LOG2E, scale, H, T)
         kernels = _kernels()
         for i, part in enumerate(parts):  # a later part reads and rewrites the rows of `out` it owns
             kernels._fwd_kernel[(part.q_tiles, B * H)](
@@ -166,9 +198,9 @@ class _TritonHSA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dout = _like(dout, q)
+        dout = _like(dout, out)  # already in the output's layout when it comes through transformers' transpose
         delta = torch.empty_like(lse)  # rowsum(dO * O), written by the first part's backward kernel
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+        dq, dk, dv = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
         BH = q.shape[0] * q.shape[1]
         kernels = _kernels()
         for i, part in enumerate(ctx.parts):
@@ -189,16 +221,11 @@ def _dense(x) -> bool:
 
 
 def triton_attention(query, key, value, spec, scale=None) -> torch.Tensor:
-    """`spec`'s pattern on a plain causal sequence: ``(B, H, T, D)`` in and out, the output in the query's memory
-    layout. Grouped-query keys and values are repeated to the query heads."""
+    """`spec`'s pattern on a plain causal sequence: ``(B, H, T, D)`` in and out, the output's memory ``(B, T, H, D)``.
+    Grouped-query keys and values ``(B, Hkv, T, D)`` are repeated to the query heads."""
     if not triton_installed():
         raise NotImplementedError("The triton kernel needs the `triton` package (it ships with CUDA builds of torch).")
-    if key.shape[1] != query.shape[1]:
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    if not _dense(query):  # e.g. a slice of a fused qkv projection
-        query = query.contiguous()
-    key, value = _like(key, query), _like(value, query)
+    query, key, value = _inputs(query, key, value)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     parts = plan_parts(spec, query.shape[2], tuple(LAUNCH.items()))
     return _TritonHSA.apply(query, key, value, parts, scale)
