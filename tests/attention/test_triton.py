@@ -176,6 +176,39 @@ def test_forced_triton_backend_matches_oracle_in_a_model(monkeypatch):
     assert_same_math(model, twin(model, "mst_test_oracle"), torch.randint(3, VOCAB, (2, SEQ)))
 
 
+def test_custom_op_registration_is_consistent():
+    # the op torch.compile sees: fake (shape and layout) rule, autograd and schemas checked against the real kernels
+    B, T, H, D = 1, 24, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    torch.library.opcheck(torch.ops.mst_hf.hsa_triton.default, (q, k, v, "local_strided", 5, 4, 8, D**-0.5),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.slow
+def test_compiled_model_runs_the_triton_kernel_as_one_op(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setenv(hsa.HSA_BACKEND_ENV, "triton")
+    model = build("llama", "mst_hsa").train()  # grouped-query attention: 4 heads, 2 key/value heads
+    hsa.configure_hsa(model, HSASpec("local_strided", window=4, stride=3), active=True)
+    eager = twin(model, "mst_hsa").train()
+    launches = []
+    forward = launch._forward
+    monkeypatch.setattr(launch, "_forward", lambda *args: launches.append(1) or forward(*args))
+    ids, weights = torch.randint(3, VOCAB, (2, SEQ)), torch.randn(2, SEQ, VOCAB)
+    loss = (torch.compile(model, backend="aot_eager")(input_ids=ids).logits * weights).sum()
+    loss.backward()
+    eager_loss = (eager(input_ids=ids).logits * weights).sum()
+    eager_loss.backward()
+    assert not counters["graph_break"] and len(launches) == 2 * 2  # 2 layers, compiled and eager
+    torch.testing.assert_close(loss, eager_loss)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
 def test_unsupported_requests_are_refused_clearly():
     with pytest.raises(NotImplementedError, match="head_split"):
         choose_kernel(HSASpec("local_strided", head_split=True), 64, 16, DEVICE, backend="triton")
