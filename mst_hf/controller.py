@@ -162,18 +162,20 @@ class MSTController:
         return g
 
     def _setup_hsa(self) -> None:
-        """Store the HSA settings on the model config (off until its phase) and switch the model to the registered
-        ``"mst_hsa"`` attention, which is dense causal whenever the pattern is off."""
+        """Build the run's `HSASpec` once (``self.hsa_spec``; nothing per micro-batch builds or checks one), store it
+        on the model config (off until its phase) and switch the model to the registered ``"mst_hsa"`` attention,
+        which is dense causal whenever the pattern is off."""
         from . import attention
 
         model, cfg = unwrap_model(self.model), self.config
+        self.hsa_spec = attention.HSASpec.from_config(cfg)
         if not isinstance(getattr(model, "config", None), PretrainedConfig):
             raise TypeError(
                 f"Hybrid sparse attention (hsa_pattern={cfg.hsa_pattern!r}) needs a transformers model on the "
                 f"attention interface; {type(model).__name__} is not one. Set `hsa_pattern='dense'` to train its "
                 "weights with MST and dense attention."
             )
-        attention.configure_hsa(model, **attention.HSASpec.from_config(cfg).to_state(active=False))
+        attention.configure_hsa(model, self.hsa_spec, active=False)
         if getattr(model.config, "_attn_implementation", None) != attention.HSA_NAME:
             if not hasattr(model, "set_attn_implementation"):
                 raise NotImplementedError(
@@ -256,9 +258,7 @@ class MSTController:
         x = inputs.get("inputs_embeds") if x is None and hasattr(inputs, "get") else x
         if not on or self.config.hsa_pattern == "dense" or x is None or x.dim() < 2:
             return 1.0
-        from .attention import HSASpec
-
-        return HSASpec.from_config(self.config).density(int(x.shape[1]))
+        return self.hsa_spec.density(int(x.shape[1]))  # cached per length
 
     def is_update_step(self, step: int, total_steps: int) -> bool:
         """Whether ``after_backward(step, ...)`` updates the topology (once per step, also across a resume)."""

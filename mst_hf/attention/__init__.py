@@ -17,6 +17,7 @@ from .interface import (
     HSA_NAME,
     HSAMask,
     configure_hsa,
+    dense_pattern_message,
     get_hsa_spec,
     get_hsa_state,
     hsa_attention_forward,
@@ -32,7 +33,6 @@ from .patterns import (
     PATTERNS,
     HSASpec,
     attention_density,
-    dense_pattern_message,
     mean_attended_keys,
     pattern_mask_fn,
 )

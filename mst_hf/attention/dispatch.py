@@ -23,7 +23,6 @@ import warnings
 import torch
 
 from .impl import flex, sdpa
-from .impl.common import expand_kv
 from .impl.reference import reference_pattern_attention
 from .impl.triton import TRITON_PATTERNS, triton_attention, triton_available
 from .patterns import BACKENDS, HSASpec, check_pattern_name
@@ -96,9 +95,10 @@ def auto_kernel(query, key, value, spec: HSASpec, scaling=None, dropout=0.0) -> 
     """The kernel `auto` runs: the only candidate, or on CUDA the fastest candidate measured once per pattern,
     shape, dtype and memory layout on random inputs of the same shape (forward + backward when grad is on; RNG
     state untouched). Like ``cudnn.benchmark``: every candidate computes the same function."""
-    if torch.compiler.is_compiling():  # no measuring while tracing; the Triton launcher is not traced either
+    if torch.compiler.is_compiling():  # no measuring while tracing
         candidates = auto_candidates(spec, query.shape[2], query.shape[3], query.device, dropout)
-        return next((c for c in candidates if c != "triton"), "sdpa_bool")
+        # triton (a custom op under torch.compile) is what measuring picks at nearly every pattern and length
+        return "triton" if "triton" in candidates else candidates[0]
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     cache_key = (spec, query.shape, query.stride(), key.shape[1], query.dtype, query.device, dropout > 0.0, grad)
     choice = _AUTO_CHOICE.get(cache_key)  # the common case first: this call runs once per layer and step
@@ -161,8 +161,7 @@ def run_kernel(kernel, query, key, value, spec: HSASpec, scaling=None, dropout=0
     if kernel == "chunk_sdpa" and spec.pattern == "fixed":
         return sdpa.fixed_chunk_sdpa(query, key, value, spec.block, scaling, dropout)
     if kernel == "triton" and _triton_fits(spec, D, dropout):
-        H = query.shape[1]
-        return triton_attention(query, expand_kv(key, H), expand_kv(value, H), spec, scaling)
+        return triton_attention(query, key, value, spec, scaling)  # repeats grouped-query heads itself, copying once
     if kernel == "flex":
         if dropout > 0.0:
             raise NotImplementedError(f"FlexAttention has no dropout (got dropout={dropout}); use backend='sdpa'.")

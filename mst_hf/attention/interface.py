@@ -46,7 +46,6 @@ from .patterns import (  # noqa: F401 (LAYER_CHOICES: public name)
     LAYER_CHOICES,
     HSASpec,
     check_active,
-    dense_pattern_message,
 )
 
 HSA_NAME = "mst_hsa"
@@ -90,40 +89,45 @@ def _configs(config: PretrainedConfig) -> list:
     return [config] if text is config else [config, text]
 
 
-def configure_hsa(
-    model,
-    pattern: str = HSASpec.pattern,
-    window: int = HSASpec.window,
-    stride: int = HSASpec.stride,
-    block: int = HSASpec.block,
-    layers="all",
-    head_split: bool = False,
-    active: bool = False,
-    backend: str = HSASpec.backend,
-) -> dict:
-    """Validate the HSA settings (an `HSASpec`) and store them as ``config.mst_hsa`` (saved with the model).
-    Returns the state. ``configure_hsa(model, **spec.to_state())`` stores a given spec.
+def configure_hsa(model, spec: HSASpec | None = None, *, active: bool = False, **fields) -> dict:
+    """Store `spec` (an `HSASpec`; default ``HSASpec()``) as ``config.mst_hsa`` (saved with the model), the pattern
+    on or off by `active`. Returns the stored dict (``spec.to_state(active)``).
 
-    `layers`: ``"all"``, ``"alternate"`` (even layers 0, 2, ... sparse, odd layers dense) or a list of indices.
-    `backend`: ``"auto"`` (default), ``"sdpa"`` (boolean mask), ``"flex"``, ``"triton"`` or ``"eager"``
-    (reference); the environment variable ``MST_HSA_BACKEND`` overrides it. The model must run
-    ``attn_implementation="mst_hsa"`` for any of it to apply.
+    A shim keeps the keyword form: ``configure_hsa(model, pattern="local", window=64)`` builds
+    ``HSASpec(pattern="local", window=64)`` (`HSASpec` documents the fields). The environment variable
+    ``MST_HSA_BACKEND`` overrides the spec's backend. The model must run ``attn_implementation="mst_hsa"`` for any
+    of it to apply.
     """
-    spec = HSASpec(pattern, window, stride, block, layers, head_split, backend)
-    state = spec.to_state(active)
+    if fields:
+        if spec is not None:
+            raise TypeError(
+                f"configure_hsa got both a spec and the fields {sorted(fields)}; pass one: "
+                "configure_hsa(model, dataclasses.replace(spec, ...))."
+            )
+        spec = HSASpec(**fields)
+    if spec is None:
+        spec = HSASpec()
+    if not isinstance(spec, HSASpec):
+        raise TypeError(
+            f"`spec` must be an HSASpec, got {spec!r}. Use configure_hsa(model, HSASpec(pattern=...)) or "
+            "configure_hsa(model, pattern=...)."
+        )
+    state = spec.to_state(active)  # from now on `HSASpec.from_state` reads this dict back as `spec` itself
     for config in _configs(_find_config(model)):
         config.mst_hsa = dict(state)
     return dict(state)
 
 
 def set_hsa_active(model, active: bool) -> None:
-    """Switch the configured pattern on or off (cheap: flips ``config.mst_hsa["active"]``)."""
+    """Switch the configured pattern on or off: flips ``config.mst_hsa["active"]`` (a new dict, the settings
+    untouched; nothing is validated or rebuilt, so masks and kernel choices cached for the spec stay warm)."""
     check_active(active)
     configs = _configs(_find_config(model))
     if getattr(configs[0], HSA_NAME, None) is None:
-        raise ValueError("This model has no HSA state: call configure_hsa(model, ...) first.")
+        raise ValueError("This model has no HSA state: call configure_hsa(model, spec) first.")
+    HSASpec.from_state(configs[0].mst_hsa)  # the cached spec (a dict edited by hand is checked here, once)
     for config in configs:
-        config.mst_hsa = {**validate_hsa_state(config.mst_hsa), "active": active}
+        config.mst_hsa = {**config.mst_hsa, "active": active}
 
 
 def get_hsa_state(model_or_config) -> dict | None:
@@ -162,6 +166,7 @@ class HSAMask:
     def __init__(self, spec: HSASpec, mask_args: dict):
         self.spec = spec
         self.mask_args = mask_args
+        self.backend = _backend(spec)  # once per forward, not per layer
         self.structured = self._is_plain_causal()
         self._dense = None
         self._dense_built = False
@@ -269,6 +274,34 @@ def _dense_message(spec: HSASpec, seq_len: int) -> str | None:
     return dense_pattern_message(spec, seq_len)
 
 
+def dense_pattern_message(spec: HSASpec, seq_len: int) -> str | None:
+    """``None`` when `spec`'s pattern drops causal pairs at `seq_len`; otherwise a sentence naming the pattern,
+    the length and the sizes that would make it sparse there (``dense`` itself is never reported: it was asked for).
+
+    Pure: a pattern is dense at a length exactly when its `HSASpec.density` there is 1.0. Why it happens: local
+    keeps every key within ``window``, so ``window >= seq_len`` keeps all; ``local_strided`` also needs some
+    distance ``>= window`` that is not a multiple of ``stride``; ``fixed`` needs a key outside the query's block
+    that is not a summary position (``block < seq_len``, ``block >= 2``); ``strided`` needs ``stride >= 2``.
+    """
+    if spec.pattern == "dense" or spec.density(seq_len) < 1.0:
+        return None
+    size = max(seq_len // 4, 2)
+    longer = ", or train on longer sequences"
+    if spec.head_split or spec.pattern == "local":
+        fix = f"window < {seq_len} (e.g. window={size}){longer}"
+    elif spec.pattern == "strided":
+        fix = f"stride >= 2 (e.g. stride={size})"  # stride 1 keeps every key at any length
+    elif spec.pattern == "local_strided":
+        fix = f"window < {max(seq_len - 1, 1)} and stride >= 2 (e.g. window=stride={size}){longer}"
+    else:
+        fix = f"2 <= block < {seq_len} (e.g. block={size}){longer}"
+    return (
+        f"HSA pattern {spec.pattern!r} (window={spec.window}, stride={spec.stride}, block={spec.block}) admits every "
+        f"causal pair at sequence length {seq_len}: attention is dense (density 1.0) although HSA is on. For a "
+        f"sparse pattern at this length use {fix}."
+    )
+
+
 def hsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "mst_hsa" attention function: ``query (B, H, q, D)``, ``key``/``value`` ``(B, Hkv, kv, D)`` ->
     ``((B, q, H, D), None)``."""
@@ -285,17 +318,16 @@ def hsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         if eager:
             return model_eager_attention(module, query, key, value, mask, dropout, scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    backend = _backend(spec)
     if spec.head_split and query.shape[1] % 2:
         raise ValueError(f"`head_split=True` needs an even number of attention heads, got {query.shape[1]}.")
     if eager:
         return model_eager_attention(module, query, key, value, hsa.sparse_mask(query.shape[1]), dropout, scaling,
                                      **kwargs)
     if hsa.structured and query.shape[2] > 1:
-        out = hsa_attention(query, key, value, spec, scaling, backend, dropout)  # (B, H, T, D)
+        out = hsa_attention(query, key, value, spec, scaling, hsa.backend, dropout)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous(), None
     mask = hsa.sparse_mask(query.shape[1])
-    if backend == "eager":
+    if hsa.backend == "eager":
         out = reference_attention(query, key, value, mask, scaling).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)

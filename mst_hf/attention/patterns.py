@@ -1,8 +1,10 @@
 """Hybrid Sparse Attention (HSA): the settings (`HSASpec`) and the patterns as pure mask functions.
 
-`HSASpec` is the one description of HSA settings (pattern, window, stride, block, layers, head split, backend) and
-the only place they are validated; `MSTConfig` keeps flat ``hsa_*`` fields and checks them through
-`HSASpec.from_config`, and the model's ``config.mst_hsa`` dict is `HSASpec.to_state`.
+`HSASpec` is the one in-code form of the HSA settings (pattern, window, stride, block, layers, head split,
+backend) and the only place they are validated. The other forms are serialisation at the edges: `MSTConfig` keeps
+flat ``hsa_*`` fields (read once with `HSASpec.from_config`), and the model's ``config.mst_hsa`` dict is
+`HSASpec.to_state`, read back with `HSASpec.from_state` (cached: the mask function reads it on every forward, and
+builds and validates a spec only for a dict it has not seen). Per-length answers (`HSASpec.density`) are cached too.
 
 A pattern is a function ``fn(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's ``mask_mod`` signature) that says
 whether query position ``q_idx`` may attend key position ``kv_idx``. The arguments are integer tensors that
@@ -22,6 +24,7 @@ This module imports torch and the standard library only; it knows nothing of tra
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,22 +87,33 @@ class HSASpec:
 
     @classmethod
     def from_state(cls, state) -> "HSASpec":
-        """The spec stored in a model config's ``mst_hsa`` dict (see `to_state`); missing keys keep the defaults."""
+        """The spec stored in a model config's ``mst_hsa`` dict (see `to_state`); missing keys keep the defaults.
+        The one reader of that dict, called on every forward: cached by the dict's contents (``active`` aside), so
+        only a dict not seen before is validated, and switching the pattern on and off returns the same object."""
         if not isinstance(state, dict):
             raise TypeError(
-                f"`config.mst_hsa` must be a dict, got {type(state).__name__}. Use configure_hsa(model, ...)."
+                f"`config.mst_hsa` must be a dict, got {type(state).__name__}. Use configure_hsa(model, spec)."
             )
+        check_active(state.get("active", False))
+        key = _state_key(state)
+        try:
+            return _FROM_STATE[key]
+        except (KeyError, TypeError):  # not seen yet, or a value that is not hashable (validation reports it)
+            pass
         unknown = set(state) - set(STATE_KEYS)
         if unknown:
             raise ValueError(f"Unknown HSA keys {sorted(unknown)}; valid keys: {sorted(STATE_KEYS)}.")
-        check_active(state.get("active", False))
-        return cls(**{k: v for k, v in state.items() if k != "active"})
+        spec = cls(**{k: v for k, v in state.items() if k != "active"})
+        _FROM_STATE[key] = spec  # validated, so hashable
+        return spec
 
     def to_state(self, active: bool = False) -> dict:
-        """The JSON-ready dict a model config stores as ``mst_hsa``: the fields plus the on/off switch ``active``."""
+        """The JSON-ready dict a model config stores as ``mst_hsa``: the fields plus the on/off switch ``active``.
+        `from_state` reads it back as this very object (so caches keyed by the spec see one object per run)."""
         state = dataclasses.asdict(self)
         state["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         state["active"] = check_active(active)
+        _FROM_STATE[_state_key(state)] = self
         return state
 
     def mask_fn(self, num_heads: int | None = None) -> MaskFn:
@@ -132,39 +146,18 @@ class HSASpec:
 
     def density(self, seq_len: int) -> float:
         """Attended over causal (query, key) pairs of a sparse layer at `seq_len`: 1.0 when the pattern admits
-        every causal pair there (e.g. ``local_strided`` with ``window >= seq_len``)."""
+        every causal pair there (e.g. ``local_strided`` with ``window >= seq_len``). Cached per length."""
         return attention_density(self.pattern, seq_len, self.window, self.stride, self.block, self.head_split)
 
 
 STATE_KEYS = (*(f.name for f in dataclasses.fields(HSASpec)), "active")
+_FROM_STATE: dict = {}  # `_state_key` -> HSASpec: one entry per distinct settings dict read or written
 
 
-def dense_pattern_message(spec: HSASpec, seq_len: int) -> str | None:
-    """``None`` when `spec`'s pattern drops causal pairs at `seq_len`; otherwise a sentence naming the pattern,
-    the length and the sizes that would make it sparse there (``dense`` itself is never reported: it was asked for).
-
-    Pure: a pattern is dense at a length exactly when its `HSASpec.density` there is 1.0. Why it happens: local
-    keeps every key within ``window``, so ``window >= seq_len`` keeps all; ``local_strided`` also needs some
-    distance ``>= window`` that is not a multiple of ``stride``; ``fixed`` needs a key outside the query's block
-    that is not a summary position (``block < seq_len``, ``block >= 2``); ``strided`` needs ``stride >= 2``.
-    """
-    if spec.pattern == "dense" or spec.density(seq_len) < 1.0:
-        return None
-    size = max(seq_len // 4, 2)
-    longer = ", or train on longer sequences"
-    if spec.head_split or spec.pattern == "local":
-        fix = f"window < {seq_len} (e.g. window={size}){longer}"
-    elif spec.pattern == "strided":
-        fix = f"stride >= 2 (e.g. stride={size})"  # stride 1 keeps every key at any length
-    elif spec.pattern == "local_strided":
-        fix = f"window < {max(seq_len - 1, 1)} and stride >= 2 (e.g. window=stride={size}){longer}"
-    else:
-        fix = f"2 <= block < {seq_len} (e.g. block={size}){longer}"
-    return (
-        f"HSA pattern {spec.pattern!r} (window={spec.window}, stride={spec.stride}, block={spec.block}) admits every "
-        f"causal pair at sequence length {seq_len}: attention is dense (density 1.0) although HSA is on. For a "
-        f"sparse pattern at this length use {fix}."
-    )
+def _state_key(state: dict) -> tuple:
+    """The key of an ``mst_hsa`` dict without ``active``, value types included (``head_split=1`` must not find the
+    spec of ``head_split=True``)."""
+    return tuple((k, type(v), tuple(v) if isinstance(v, list) else v) for k, v in state.items() if k != "active")
 
 
 def check_active(active) -> bool:
@@ -350,6 +343,7 @@ def _attended_per_query(pattern: str, q: torch.Tensor, window: int, stride: int,
     return q % block + 1 + q // block
 
 
+@functools.lru_cache(maxsize=4096, typed=True)
 def mean_attended_keys(
     pattern: str,
     seq_len: int,
@@ -365,7 +359,7 @@ def mean_attended_keys(
     dense ``q + 1``; local ``min(q + 1, w)``; strided ``q // s + 1``; local_strided
     ``local + strided - (min(q // s, (w - 1) // s) + 1)``; fixed ``q % c + 1 + q // c``.
     With ``head_split=True`` (local_strided only) half the heads are local and half strided: the mean of the two.
-    Dense gives ``(seq_len + 1) / 2``.
+    Dense gives ``(seq_len + 1) / 2``. Cached per argument tuple (types included: ``window=True`` is still refused).
     """
     check_pattern_name(pattern)
     _check_positive_int("seq_len", seq_len)

@@ -182,6 +182,18 @@ def test_configure_rejects_bad_values(kwargs, error):
         hsa.configure_hsa(model, **kwargs)
 
 
+def test_configure_hsa_stores_a_spec_and_keeps_the_keyword_shim():
+    model = build("llama", "mst_hsa")
+    spec = hsa.HSASpec("fixed", block=5, layers=[1])
+    assert hsa.configure_hsa(model, spec, active=True) == spec.to_state(active=True)
+    assert hsa.get_hsa_spec(model) is spec  # read back as the very object stored, not rebuilt
+    assert hsa.configure_hsa(model, pattern="fixed", block=5, layers=[1]) == spec.to_state(active=False)
+    with pytest.raises(TypeError, match="both a spec and the fields"):
+        hsa.configure_hsa(model, spec, window=8)
+    with pytest.raises(TypeError, match="HSASpec"):
+        hsa.configure_hsa(model, "local")
+
+
 def test_misuse_raises_clear_errors(monkeypatch):
     model = build("gpt2", "mst_hsa")
     with pytest.raises(ValueError, match="configure_hsa"):

@@ -5,11 +5,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+import mst_hf.attention.patterns as patterns
+from mst_hf.attention import dense_pattern_message
 from mst_hf.attention.patterns import (
     PATTERNS,
     HSASpec,
     attention_density,
-    dense_pattern_message,
     generate_dense_causal_mask,
     generate_fixed_mask,
     generate_local_mask,
@@ -188,6 +189,32 @@ def test_hsa_spec_state_round_trip_and_checks():
         HSASpec.from_state({"active": "yes"})
     with pytest.raises(TypeError, match="dict"):
         HSASpec.from_state(["local"])
+
+
+def test_from_state_reads_each_settings_dict_once_and_checks_every_new_one(monkeypatch):
+    monkeypatch.setattr(patterns, "_FROM_STATE", {})
+    state = HSASpec("local_strided", window=6, stride=5, layers=[1]).to_state(active=True)
+    spec = HSASpec.from_state(state)
+    assert HSASpec.from_state({**state, "active": False}) is spec  # switching on and off: the same spec
+    assert HSASpec.from_state(dict(reversed(list(state.items())))) == spec
+    with pytest.raises(TypeError, match="head_split"):  # equal to True, but not a bool: checked, not looked up
+        HSASpec.from_state({**state, "head_split": 1})
+    with pytest.raises(ValueError, match="window"):
+        HSASpec.from_state({**state, "window": 1.0})
+    with pytest.raises(ValueError, match="layers"):
+        HSASpec.from_state({**state, "layers": [[1]]})  # not hashable: validated, not cached
+    with pytest.raises(TypeError, match="`active`"):
+        HSASpec.from_state({**state, "active": 1})
+
+
+def test_density_is_computed_once_per_length(monkeypatch):
+    calls = []
+    original = patterns._attended_per_query
+    monkeypatch.setattr(patterns, "_attended_per_query", lambda *args: calls.append(args) or original(*args))
+    patterns.mean_attended_keys.cache_clear()
+    spec = HSASpec("local_strided", window=6, stride=5)
+    assert [spec.density(64) for _ in range(3)] == [spec.density(64)] * 3
+    assert len(calls) == 1
 
 
 def test_hsa_spec_density_is_the_exact_count():

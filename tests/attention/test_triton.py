@@ -4,14 +4,18 @@ Without CUDA these run the real kernels in Triton's interpreter (conftest sets T
 imports triton); they are skipped where triton is not installed. The interpreter has no bfloat16 matmul, so CPU
 tests use float32 and float16; the bfloat16 check runs on the GPU (tests/attention/test_impl.py, marked gpu)."""
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
 import mst_hf.attention as hsa  # noqa: E402
 import mst_hf.attention.dispatch as kernels  # noqa: E402
 import mst_hf.attention.impl.triton as at  # noqa: E402
+import mst_hf.attention.impl.triton.launch as launch  # noqa: E402
 from mst_hf.attention import HSASpec  # noqa: E402
 from mst_hf.attention.dispatch import auto_candidates, choose_kernel  # noqa: E402
 from mst_hf.attention.impl.reference import reference_attention  # noqa: E402
@@ -95,7 +99,7 @@ def test_plan_uses_the_one_pass_backward_only_for_self_contained_tiles():
     assert [p.n_sum for p in at.plan_parts(HSASpec("fixed", block=128), 1000, launch)] == [7]
 
 
-def test_fused_qkv_slices_are_copied_not_misread():
+def test_fused_qkv_slices_are_read_in_place_not_misread():
     B, T, H, D = 1, 40, 2, 16
     qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, requires_grad=True)
     q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2))  # strided, not dense
@@ -107,12 +111,102 @@ def test_fused_qkv_slices_are_copied_not_misread():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+class _NoKernels:
+    """Stands in for the device code: launches do nothing, so only the host-side tensor work of a call remains."""
+
+    class _Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    _fwd_kernel = _bwd_dq_kernel = _bwd_dkdv_kernel = _bwd_self_kernel = _Kernel()
+
+    class triton:  # noqa: N801 - mirrors the module attribute `_meta` reads
+        @staticmethod
+        def next_power_of_2(n):
+            return 1 << (n - 1).bit_length()
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_tensor_ops(q, k, v, leaves, monkeypatch):
+    """Counts of the aten ops one call runs around its kernels, forward and backward, as transformers uses it: the
+    output transposed to ``(B, T, H, D)`` and made contiguous."""
+    monkeypatch.setattr(launch, "_kernels", lambda: _NoKernels)
+    with _AtenOps() as mode:
+        out = at.triton_attention(q, k, v, HSASpec("local_strided", window=8, stride=4))
+        y = out.transpose(1, 2).contiguous()
+        torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return mode.ops
+
+
+COPIES = ("copy_", "clone", "contiguous", "_to_copy", "repeat_interleave", "index_select")
+
+
+def test_model_tensors_are_read_in_place_and_the_output_written_in_model_layout(monkeypatch):
+    B, T, H, D = 1, 40, 4, 16
+    qkv = torch.randn(B, T, 3 * H * D, requires_grad=True)  # GPT-2: slices of the fused projection
+    fused = [x.view(B, T, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2)]
+    separate = [torch.randn(B, T, H, D, requires_grad=True) for _ in range(3)]  # Llama: q, k, v projections
+    for inputs, leaves in ((fused, [qkv]), ([x.transpose(1, 2) for x in separate], separate)):
+        ops = host_tensor_ops(*inputs, leaves, monkeypatch)
+        assert not {op: n for op, n in ops.items() if op in COPIES}, ops
+
+
+def test_grouped_query_keys_are_repeated_with_one_copy_each(monkeypatch):
+    B, T, H, D = 1, 40, 4, 16
+    q = torch.randn(B, T, H, D, requires_grad=True)
+    k, v = (torch.randn(B, T, 2, D, requires_grad=True) for _ in range(2))
+    ops = host_tensor_ops(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), [q, k, v], monkeypatch)
+    assert {op: n for op, n in ops.items() if op in COPIES} == {"clone": 2}, ops  # k and v, forward only
+
+
 def test_forced_triton_backend_matches_oracle_in_a_model(monkeypatch):
     monkeypatch.setenv(hsa.HSA_BACKEND_ENV, "triton")
     model = build("llama", "mst_hsa")
     hsa.configure_hsa(model, pattern="local_strided", window=4, stride=3, active=True)
     ORACLE_MASKS.update({0: hand_mask("local_strided", SEQ), 1: hand_mask("local_strided", SEQ)})
     assert_same_math(model, twin(model, "mst_test_oracle"), torch.randint(3, VOCAB, (2, SEQ)))
+
+
+def test_custom_op_registration_is_consistent():
+    # the op torch.compile sees: fake (shape and layout) rule, autograd and schemas checked against the real kernels
+    B, T, H, D = 1, 24, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    torch.library.opcheck(torch.ops.mst_hf.hsa_triton.default, (q, k, v, "local_strided", 5, 4, 8, D**-0.5),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.slow
+def test_compiled_model_runs_the_triton_kernel_as_one_op(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setenv(hsa.HSA_BACKEND_ENV, "triton")
+    model = build("llama", "mst_hsa").train()  # grouped-query attention: 4 heads, 2 key/value heads
+    hsa.configure_hsa(model, HSASpec("local_strided", window=4, stride=3), active=True)
+    eager = twin(model, "mst_hsa").train()
+    launches = []
+    forward = launch._forward
+    monkeypatch.setattr(launch, "_forward", lambda *args: launches.append(1) or forward(*args))
+    ids, weights = torch.randint(3, VOCAB, (2, SEQ)), torch.randn(2, SEQ, VOCAB)
+    loss = (torch.compile(model, backend="aot_eager")(input_ids=ids).logits * weights).sum()
+    loss.backward()
+    eager_loss = (eager(input_ids=ids).logits * weights).sum()
+    eager_loss.backward()
+    assert not counters["graph_break"] and len(launches) == 2 * 2  # 2 layers, compiled and eager
+    torch.testing.assert_close(loss, eager_loss)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
 
 
 def test_unsupported_requests_are_refused_clearly():

@@ -2,8 +2,9 @@
 self-contained tiles. `launch` (beside it) plans the parts and launches these; see its docstring for the method.
 Imported only when the triton kernel first runs (`launch` imports it lazily), so importing `mst_hf` never imports
 triton. Conventions: scores in log2 units (``qk_scale = scale * log2(e)``); ``LSE`` and ``DELTA`` are
-``(B, H, T)`` float32 indexed by token; all ``(B, H, T, D)`` tensors share the stride triple ``sb, sh, st`` (last
-dim contiguous).
+``(B, H, T)`` float32 indexed by token; the inputs Q, K, V share the stride triple ``sb, sh, st`` and the tensors the
+kernels write or that match the output (OUT, DO, DQ, DK, DV) share ``ob, oh, ot`` (last dim contiguous in both): fused
+or transposed model tensors are read in place.
 Encodings: MASK 0 local, 1 causal inside blocks of C, 2 strided (class-major indices); MAP 0 natural, 1 class-major.
 """
 
@@ -85,6 +86,12 @@ def _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _at(tok, base, st, offs_d):
+    """Offsets of the rows of tokens `tok` of one (batch, head) at `base`, rows `st` apart."""
+    return base + tok[:, None] * st + offs_d[None, :]
+
+
+@triton.jit
 def _rows(idx, MAP: tl.constexpr, L, S, N, T, base, st, offs_d):
     """Tokens of indices `idx`, which are real (index < N, token < T), and their row offsets."""
     tok = _token(idx, MAP, L, S)
@@ -100,11 +107,13 @@ def _summary_rows(offs_j, C, NS, base, st, offs_d):
 
 
 @triton.jit
-def _program(H, sb, sh, BD: tl.constexpr, D: tl.constexpr):
-    """(batch, head) offset of this program, its stats offset, the head-dim offsets and which are real."""
+def _program(H, sb, sh, ob, oh, BD: tl.constexpr, D: tl.constexpr):
+    """(batch, head) offsets of this program in the inputs and in the outputs, its stats offset, the head-dim
+    offsets and which are real."""
     bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BD)
-    return (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh, bh.to(tl.int64), offs_d, offs_d[None, :] < D
+    return b * sb + h * sh, b * ob + h * oh, bh.to(tl.int64), offs_d, offs_d[None, :] < D
 
 
 @triton.jit
@@ -121,20 +130,21 @@ def _delta(OUT, DELTA, row, rmask, do, stat, q_ok, ACCUM: tl.constexpr):
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, sb, sh, st, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
+    Q, K, V, OUT, LSE, sb, sh, st, ob, oh, ot, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
     MASK: tl.constexpr, MAP: tl.constexpr, HAS_SUM: tl.constexpr, CONTINUE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BM
-    base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
+    base, obase, bh, offs_d, d_ok = _program(H, sb, sh, ob, oh, BD, D)
     offs_m = m0 + tl.arange(0, BM)
     qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
+    orow = _at(qt, obase, ot, offs_d)
     q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
     lse_ptr = LSE + bh * T + qt
     if CONTINUE:  # resume the previous part: max = its lse, sum = 1, accumulator = its output
         m_i = tl.load(lse_ptr, mask=q_ok, other=float("-inf"))
         l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-        acc = tl.load(OUT + row, mask=q_ok[:, None] & d_ok, other=0.0).to(tl.float32)
+        acc = tl.load(OUT + orow, mask=q_ok[:, None] & d_ok, other=0.0).to(tl.float32)
     else:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
@@ -157,25 +167,26 @@ def _fwd_kernel(
             m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-    tl.store(OUT + row, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+    tl.store(OUT + orow, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok)
     tl.store(lse_ptr, lse, mask=q_ok)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _bwd_dq_kernel(
-    Q, K, V, OUT, DO, LSE, DELTA, DQ, sb, sh, st, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
+    Q, K, V, OUT, DO, LSE, DELTA, DQ, sb, sh, st, ob, oh, ot, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
     MASK: tl.constexpr, MAP: tl.constexpr, HAS_SUM: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
 ):
     """dQ of one query tile; the first part (ACCUM false) also writes DELTA = rowsum(dO * O) for its rows."""
     m0 = tl.program_id(0) * BM
-    base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
+    base, obase, bh, offs_d, d_ok = _program(H, sb, sh, ob, oh, BD, D)
     offs_m = m0 + tl.arange(0, BM)
     qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
+    orow = _at(qt, obase, ot, offs_d)
     q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(DO + orow, mask=q_ok[:, None] & d_ok, other=0.0)
     lse = tl.load(LSE + bh * T + qt, mask=q_ok, other=0.0)
-    delta = _delta(OUT, DELTA, row, q_ok[:, None] & d_ok, do, bh * T + qt, q_ok, ACCUM)
+    delta = _delta(OUT, DELTA, orow, q_ok[:, None] & d_ok, do, bh * T + qt, q_ok, ACCUM)
     dq = tl.zeros([BM, BD], tl.float32)
     lo, hi = _key_range(m0, BM, BN, MASK, N, W, G)
     for n0 in range(lo, hi, BN):
@@ -197,8 +208,8 @@ def _bwd_dq_kernel(
             dq += _mm(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
     if ACCUM:
-        dq += tl.load(DQ + row, mask=q_ok[:, None] & d_ok, other=0.0).to(tl.float32)
-    tl.store(DQ + row, dq.to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok)
+        dq += tl.load(DQ + orow, mask=q_ok[:, None] & d_ok, other=0.0).to(tl.float32)
+    tl.store(DQ + orow, dq.to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok)
 
 
 @triton.jit
@@ -213,29 +224,29 @@ def _store_dkdv(DK, DV, col, dk, dv, store_ok, sm_scale, ACCUM: tl.constexpr):
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, sb, sh, st, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
+    Q, K, V, DO, LSE, DELTA, DK, DV, sb, sh, st, ob, oh, ot, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
     MASK: tl.constexpr, MAP: tl.constexpr, HAS_SUM: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
 ):
     """dK, dV of one key tile. With summary keys (fixed), the programs after the key tiles each take a tile of
     summary keys against every later query, and the key-tile programs leave the summary rows to them."""
     pid = tl.program_id(0)
-    base, bh, _, _ = _program(H, sb, sh, BD, D)
+    base, obase, bh, _, _ = _program(H, sb, sh, ob, oh, BD, D)
     n_tiles = tl.cdiv(N, BN)
     stat = bh * T  # offset of this (batch, head) in LSE and DELTA
     if pid < n_tiles:
-        _dkdv_tile(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, pid * BN, T, N, NS,
+        _dkdv_tile(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, obase, ot, pid * BN, T, N, NS,
                    qk_scale, sm_scale, W, S, C, L, G, EXCL, MASK, MAP, HAS_SUM, ACCUM, IEEE, BM, BN, BD, D)
     else:
-        _dkdv_summary(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, (pid - n_tiles) * BS, T, NS,
-                      qk_scale, sm_scale, C, ACCUM, IEEE, BM, BS, BD, D)
+        _dkdv_summary(Q, K, V, DO, LSE + stat, DELTA + stat, DK, DV, base, st, obase, ot, (pid - n_tiles) * BS, T,
+                      NS, qk_scale, sm_scale, C, ACCUM, IEEE, BM, BS, BD, D)
 
 
 @triton.jit
-def _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE: tl.constexpr):
+def _dkdv_step(Q, DO, LSE, DELTA, row, orow, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE: tl.constexpr):
     """Add one query tile's contribution to the dK, dV accumulators of a key tile."""
     q = tl.load(Q + row, mask=q_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(DO + row, mask=q_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(DO + orow, mask=q_ok[:, None] & d_ok, other=0.0)
     lse = tl.load(LSE + qt, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + qt, mask=q_ok, other=0.0)
     p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
@@ -246,7 +257,7 @@ def _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scal
 
 @triton.jit
 def _dkdv_tile(
-    Q, K, V, DO, LSE, DELTA, DK, DV, base, st, n0, T, N, NS, qk_scale, sm_scale, W, S, C, L, G, EXCL,
+    Q, K, V, DO, LSE, DELTA, DK, DV, base, st, obase, ot, n0, T, N, NS, qk_scale, sm_scale, W, S, C, L, G, EXCL,
     MASK: tl.constexpr, MAP: tl.constexpr, HAS_SUM: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
 ):
@@ -263,16 +274,17 @@ def _dkdv_tile(
         offs_m = m0 + tl.arange(0, BM)
         qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
         ok = _allowed(offs_m, offs_n, qt, kt, MASK, W, L, C, EXCL) & q_ok[:, None] & k_ok[None, :]
-        dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE)
+        dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, _at(qt, obase, ot, offs_d), qt, q_ok, d_ok, k, v, ok, dk, dv,
+                            qk_scale, IEEE)
     store_ok = k_ok
     if HAS_SUM:  # summary rows belong to _dkdv_summary
         store_ok = store_ok & ((kt % C) != C - 1)
-    _store_dkdv(DK, DV, col, dk, dv, store_ok[:, None] & d_ok, sm_scale, ACCUM)
+    _store_dkdv(DK, DV, _at(kt, obase, ot, offs_d), dk, dv, store_ok[:, None] & d_ok, sm_scale, ACCUM)
 
 
 @triton.jit
 def _dkdv_summary(
-    Q, K, V, DO, LSE, DELTA, DK, DV, base, st, j0, T, NS, qk_scale, sm_scale, C,
+    Q, K, V, DO, LSE, DELTA, DK, DV, base, st, obase, ot, j0, T, NS, qk_scale, sm_scale, C,
     ACCUM: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
     D: tl.constexpr,
 ):
@@ -286,37 +298,40 @@ def _dkdv_summary(
     for m0 in range(((j0 * C + C - 1) // BM) * BM, T, BM):  # every query at or after the first summary
         qt, q_ok, row = _rows(m0 + tl.arange(0, BM), 0, 1, 1, T, T, base, st, offs_d)  # natural order
         ok = (qt[:, None] >= kt[None, :]) & q_ok[:, None] & k_ok[None, :]
-        dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, qt, q_ok, d_ok, k, v, ok, dk, dv, qk_scale, IEEE)
-    _store_dkdv(DK, DV, col, dk, dv, k_ok[:, None] & d_ok, sm_scale, ACCUM)
+        dk, dv = _dkdv_step(Q, DO, LSE, DELTA, row, _at(qt, obase, ot, offs_d), qt, q_ok, d_ok, k, v, ok, dk, dv,
+                            qk_scale, IEEE)
+    _store_dkdv(DK, DV, _at(kt, obase, ot, offs_d), dk, dv, k_ok[:, None] & d_ok, sm_scale, ACCUM)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
 def _bwd_self_kernel(
-    Q, K, V, OUT, DO, LSE, DELTA, DQ, DK, DV, sb, sh, st, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G, EXCL,
+    Q, K, V, OUT, DO, LSE, DELTA, DQ, DK, DV, sb, sh, st, ob, oh, ot, qk_scale, sm_scale, H, T, N, NS, W, S, C, L, G,
+    EXCL,
     MASK: tl.constexpr, MAP: tl.constexpr, HAS_SUM: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, D: tl.constexpr,
 ):
     """dQ, dK and dV of a part whose tiles are self-contained (queries of a tile attend only to keys of the same
     tile: causal groups that divide the tile), in one pass: one load of each tile, no second kernel."""
-    base, bh, offs_d, d_ok = _program(H, sb, sh, BD, D)
+    base, obase, bh, offs_d, d_ok = _program(H, sb, sh, ob, oh, BD, D)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     qt, q_ok, row = _rows(offs_m, MAP, L, S, N, T, base, st, offs_d)
+    orow = _at(qt, obase, ot, offs_d)
     rmask = q_ok[:, None] & d_ok
     q = tl.load(Q + row, mask=rmask, other=0.0)
     k = tl.load(K + row, mask=rmask, other=0.0)
     v = tl.load(V + row, mask=rmask, other=0.0)
-    do = tl.load(DO + row, mask=rmask, other=0.0)
+    do = tl.load(DO + orow, mask=rmask, other=0.0)
     lse = tl.load(LSE + bh * T + qt, mask=q_ok, other=0.0)
-    delta = _delta(OUT, DELTA, row, rmask, do, bh * T + qt, q_ok, ACCUM)
+    delta = _delta(OUT, DELTA, orow, rmask, do, bh * T + qt, q_ok, ACCUM)
     ok = _allowed(offs_m, offs_m, qt, qt, MASK, W, L, C, EXCL) & q_ok[:, None] & q_ok[None, :]
     p, ds = _grad_p(q, k, v, do, lse, delta, ok, qk_scale, IEEE)
     dq = _mm(ds.to(k.dtype), k, IEEE) * sm_scale
     dk = _mm(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
     dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE)
     if ACCUM:
-        dq += tl.load(DQ + row, mask=rmask, other=0.0).to(tl.float32)
-        dk += tl.load(DK + row, mask=rmask, other=0.0).to(tl.float32)
-        dv += tl.load(DV + row, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(DQ + row, dq.to(DQ.dtype.element_ty), mask=rmask)
-    tl.store(DK + row, dk.to(DK.dtype.element_ty), mask=rmask)
-    tl.store(DV + row, dv.to(DV.dtype.element_ty), mask=rmask)
+        dq += tl.load(DQ + orow, mask=rmask, other=0.0).to(tl.float32)
+        dk += tl.load(DK + orow, mask=rmask, other=0.0).to(tl.float32)
+        dv += tl.load(DV + orow, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(DQ + orow, dq.to(DQ.dtype.element_ty), mask=rmask)
+    tl.store(DK + orow, dk.to(DK.dtype.element_ty), mask=rmask)
+    tl.store(DV + orow, dv.to(DV.dtype.element_ty), mask=rmask)

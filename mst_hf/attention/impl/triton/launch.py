@@ -15,8 +15,11 @@ its output), so the union is exact. Backward is the flash backward of each part 
 log-sum-exp; the later part adds its dQ, dK, dV to the earlier part's. Every tile applies the exact token mask, so
 the tile ranges only need to cover the pattern.
 
-All (B, H, T, D) tensors of one call share one memory layout (inputs that differ are copied), so the kernels take
-a single stride triple: fewer launch arguments, less host time per launch. The kernels run on CUDA; with
+Memory layouts: the inputs q, k, v share one stride triple and are read where they lie (GPT-2's slices of the fused
+qkv projection, Llama's transposed projections; only inputs whose strides differ are copied, grouped-query keys and
+values once, straight into the query's layout). Everything written (the output, dQ, dK, dV) and the output gradient
+share a second triple: the model's ``(B, T, H, D)`` memory, so ``out.transpose(1, 2)`` is already contiguous and the
+caller's ``.contiguous()`` copies nothing. The kernels run on CUDA; with
 ``TRITON_INTERPRET=1`` set before import they also run on CPU tensors (slow; the CPU tests use that). No dropout
 and no head split here: those use the other kernels.
 """
@@ -36,10 +39,14 @@ TRITON_PATTERNS = ("local", "strided", "local_strided", "fixed")
 LAUNCH = {"num_warps": 4, "num_stages": 2, "bm": 64, "bn": 64, "cls_tile": 64}
 
 
-@functools.cache
+_TRITON_FOUND: dict = {}  # filled by `triton_installed`; a plain dict, which dynamo reads as a constant
+
+
 def triton_installed() -> bool:
     """Whether the `triton` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    if "found" not in _TRITON_FOUND:
+        _TRITON_FOUND["found"] = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND["found"]
 
 
 def triton_available(device) -> bool:
@@ -173,39 +180,138 @@ def _like(x, ref):
     return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
 
 
+def _model_layout(x):
+    """An empty ``(B, H, T, D)`` tensor like `x` whose memory is ``(B, T, H, D)`` (what transformers passes and takes
+    back: the attention output is transposed to that shape)."""
+    B, H, T, D = x.shape
+    return torch.empty((B, T, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _heads_like(x, ref):
+    """`x` ``(B, Hkv, T, D)`` with each head repeated to `ref`'s ``H`` heads (grouped-query attention), in one copy
+    laid out like `ref` (contiguous, or the model's ``(B, T, H, D)`` memory); the gradient sums over each group."""
+    B, Hkv, T, D = x.shape
+    rep = ref.shape[1] // Hkv
+    if ref.is_contiguous():
+        return x[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
+    x = x.transpose(1, 2)[:, :, :, None].expand(B, T, Hkv, rep, D)  # (B, T, Hkv, rep, D) view
+    return x.reshape(B, T, Hkv * rep, D).transpose(1, 2)
+
+
+def _inputs(q, k, v):
+    """q, k, v with one shared stride triple and a contiguous last dim, copying only what does not fit."""
+    H = q.shape[1]
+    if q.stride(-1) == 1 and k.shape[1] == v.shape[1] == H and k.stride() == v.stride() == q.stride():
+        return q, k, v  # the common case: no copy
+    if q.stride(-1) != 1 or not _dense(q):  # e.g. q alone is a fused slice while k, v are not: the model's layout
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (_like(x if x.shape[1] == H else _heads_like(x, q), q) for x in (k, v))
+    return q, k, v
+
+
+def _forward(q, k, v, parts, scale):
+    """Launch the forward of every part on prepared inputs (`_inputs`): ``(out, lse)``."""
+    B, H, T, D = q.shape
+    out = _model_layout(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # log2 units
+    head = (*q.stride()[:3], *out.stride()[:3], scale * LOG2E, scale, H, T)
+    kernels = _kernels()
+    for i, part in enumerate(parts):  # a later part reads and rewrites the rows of `out` it owns
+        kernels._fwd_kernel[(part.q_tiles, B * H)](
+            q, k, v, out, lse, *head, *part.scalars, CONTINUE=i > 0, **_meta(part, q.dtype, D)
+        )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, parts, scale):
+    """Launch the backward of every part: ``(dq, dk, dv)``, in `out`'s memory layout."""
+    B, H, T, D = q.shape
+    dout = _like(dout, out)  # already in the output's layout when it comes through transformers' transpose
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the first part's backward kernel
+    dq, dk, dv = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    head = (*q.stride()[:3], *out.stride()[:3], scale * LOG2E, scale, H, T)
+    kernels = _kernels()
+    for i, part in enumerate(parts):
+        meta = dict(ACCUM=i > 0, **_meta(part, q.dtype, D))
+        args = (*head, *part.scalars)
+        if part.self_contained:
+            kernels._bwd_self_kernel[(part.q_tiles, B * H)](q, k, v, out, dout, lse, delta, dq, dk, dv, *args, **meta)
+            continue
+        kernels._bwd_dq_kernel[(part.q_tiles, B * H)](q, k, v, out, dout, lse, delta, dq, *args, **meta)
+        kernels._bwd_dkdv_kernel[(part.k_programs, B * H)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
+    return dq, dk, dv
+
+
 class _TritonHSA(torch.autograd.Function):
+    """The eager path: the least host time per call."""
+
     @staticmethod
     def forward(ctx, q, k, v, parts, scale):
-        B, H, T, D = q.shape
-        out = torch.empty_like(q)
-        lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # log2 units
-        head = (*q.stride()[:3], scale * LOG2E, scale, H, T)
-        kernels = _kernels()
-        for i, part in enumerate(parts):  # a later part reads and rewrites the rows of `out` it owns
-            kernels._fwd_kernel[(part.q_tiles, B * H)](
-                q, k, v, out, lse, *head, *part.scalars, CONTINUE=i > 0, **_meta(part, q.dtype, D)
-            )
+        out, lse = _forward(q, k, v, parts, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.parts, ctx.head = parts, head
+        ctx.parts, ctx.scale = parts, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = _like(dout, q)
-        delta = torch.empty_like(lse)  # rowsum(dO * O), written by the first part's backward kernel
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
-        BH = q.shape[0] * q.shape[1]
-        kernels = _kernels()
-        for i, part in enumerate(ctx.parts):
-            meta = dict(ACCUM=i > 0, **_meta(part, q.dtype, q.shape[3]))
-            args = (*ctx.head, *part.scalars)
-            if part.self_contained:
-                kernels._bwd_self_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, dk, dv, *args, **meta)
-                continue
-            kernels._bwd_dq_kernel[(part.q_tiles, BH)](q, k, v, out, dout, lse, delta, dq, *args, **meta)
-            kernels._bwd_dkdv_kernel[(part.k_programs, BH)](q, k, v, dout, lse, delta, dk, dv, *args, **meta)
-        return dq, dk, dv, None, None
+        return *_backward(*ctx.saved_tensors, dout, ctx.parts, ctx.scale), None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same kernels as opaque custom ops, for torch.compile: dynamo and Inductor see one op with a shape rule instead
+# of the Triton launcher. Inductor may hand the ops other memory layouts than eager code would: they re-check them.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _op_parts(pattern: str, window: int, stride: int, block: int, seq_len: int, launch: tuple) -> tuple:
+    from ...patterns import HSASpec  # the settings were validated where they were made; built once per key here
+
+    return plan_parts(HSASpec(pattern, window, stride, block), seq_len, launch)
+
+
+def _in_model_layout(x):
+    B, H, T, D = x.shape
+    return x if x.stride() == (T * H * D, D, H * D, 1) else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("mst_hf::hsa_triton", mutates_args=())
+def _hsa_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, window: int, stride: int,
+                   block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _inputs(q, k, v)
+    return _forward(q, k, v, _op_parts(pattern, window, stride, block, q.shape[2], tuple(LAUNCH.items())), scale)
+
+
+@_hsa_triton_op.register_fake
+def _(q, k, v, pattern, window, stride, block, scale):
+    return _model_layout(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("mst_hf::hsa_triton_backward", mutates_args=())
+def _hsa_triton_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                            dout: torch.Tensor, pattern: str, window: int, stride: int, block: int,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _inputs(q, k, v)
+    parts = _op_parts(pattern, window, stride, block, q.shape[2], tuple(LAUNCH.items()))
+    return _backward(q, k, v, _in_model_layout(out), lse.contiguous(), dout, parts, scale)
+
+
+@_hsa_triton_backward_op.register_fake
+def _(q, k, v, out, lse, dout, pattern, window, stride, block, scale):
+    return _model_layout(q), _model_layout(q), _model_layout(q)
+
+
+def _op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output)
+    ctx.args = inputs[3:]
+
+
+def _op_backward(ctx, dout, dlse):  # lse is an auxiliary output: its gradient is never used
+    dq, dk, dv = torch.ops.mst_hf.hsa_triton_backward(*ctx.saved_tensors, dout, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_hsa_triton_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def _dense(x) -> bool:
@@ -215,16 +321,14 @@ def _dense(x) -> bool:
 
 
 def triton_attention(query, key, value, spec, scale=None) -> torch.Tensor:
-    """`spec`'s pattern on a plain causal sequence: ``(B, H, T, D)`` in and out, the output in the query's memory
-    layout. Grouped-query keys and values are repeated to the query heads."""
+    """`spec`'s pattern on a plain causal sequence: ``(B, H, T, D)`` in and out, the output's memory ``(B, T, H, D)``.
+    Grouped-query keys and values ``(B, Hkv, T, D)`` are repeated to the query heads."""
     if not triton_installed():
         raise NotImplementedError("The triton kernel needs the `triton` package (it ships with CUDA builds of torch).")
-    if key.shape[1] != query.shape[1]:
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    if not _dense(query):  # e.g. a slice of a fused qkv projection
-        query = query.contiguous()
-    key, value = _like(key, query), _like(value, query)
+    query, key, value = _inputs(query, key, value)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        op = torch.ops.mst_hf.hsa_triton
+        return op(query, key, value, spec.pattern, spec.window, spec.stride, spec.block, scale)[0]
     parts = plan_parts(spec, query.shape[2], tuple(LAUNCH.items()))
     return _TritonHSA.apply(query, key, value, parts, scale)
