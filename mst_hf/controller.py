@@ -84,6 +84,7 @@ class MSTController:
         self.skipped_updates: list[int] = []  # update steps skipped for non-finite gradients
         self.last_update_step: int | None = None
         self.hsa_on: bool | None = None
+        self.hsa_spec = None  # the run's HSASpec, built once by _setup_hsa (None: dense attention)
         self.hsa_density = 1.0  # attended / causal pairs of the sparse layers at the last batch's length (1.0: dense)
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)

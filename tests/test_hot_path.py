@@ -68,6 +68,30 @@ class _SyncSpy:
         return wrapper
 
 
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_steps_without_update_make_no_host_sync_and_build_no_hsa_spec(monkeypatch, make_model):
+    from mst_hf.attention import patterns
+
+    model = make_model()
+    ctl = MSTController(model, _cfg())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, ctl, optimizer, 0)  # the update step, and the first forward at this length
+    built = []
+    original_init = patterns.HSASpec.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(patterns.HSASpec, "__init__", counting_init)
+    spy = _SyncSpy(monkeypatch)
+    for step in range(1, 1 + TRACKED):
+        _step(model, ctl, optimizer, step)
+    assert ctl.hsa_on and ctl.last_update_step == 0
+    assert spy.calls == []
+    assert built == []
+
+
 def _count_masking_passes(monkeypatch, optimizer_type, **opt_kw):
     model = tiny_gpt2()
     ctl = MSTController(model, _cfg(hsa_pattern="dense"))
