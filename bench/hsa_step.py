@@ -29,12 +29,15 @@ import sys
 import time
 
 import torch
-from _common import flop_shares, hardware, versions, write_json
+from _common import write_json
 from mst_step import CATEGORIES, MODELS, Profile, Timer, Tokens
 from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer
 from mst_hf.attention import HSA_BACKEND_ENV, dispatch
+from mst_hf.flops import dense_flop_shares
+from mst_hf.reporting import describe_hardware as hardware
+from mst_hf.reporting import package_versions as versions
 
 
 def study_s(seq: int) -> GPT2Config:
@@ -103,7 +106,7 @@ def run(arm: str, model_name: str, seq: int, args) -> dict:
     if arm != "dense":
         ctl = trainer.mst
         result["hsa_density"] = ctl.hsa_density
-        result["attention_flop_share"] = flop_shares(ctl.flops.flop_model, seq)["attention"]
+        result["attention_flop_share"] = dense_flop_shares(ctl.flops.flop_model, seq)["attention"]
     if arm == "hsa":  # what ran: auto's measured choices, else the kernel a forced or compiled backend takes
         cfg = model.config
         head_dim = cfg.hidden_size // cfg.num_attention_heads

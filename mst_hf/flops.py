@@ -234,6 +234,16 @@ def dense_token_flops(flop_model: FlopModel, seq_len: int, causal: bool = True) 
     return 6 * n + 12 * L * d * seq_len
 
 
+def dense_flop_shares(flop_model: FlopModel, seq_len: int) -> dict[str, float]:
+    """Shares of the dense causal training FLOPs per token (:func:`dense_token_flops`): the LM head, the other
+    matmuls (transformer blocks, MoE experts at their ``top_k``) and attention (``Q K^T`` and ``A V``)."""
+    total = dense_token_flops(flop_model, seq_len)
+    head = 6 * sum(m.token_numel for m in flop_model.matmuls if m.is_lm_head)
+    weights = 6 * flop_model.n_token_params
+    return {"head": head / total, "blocks": (weights - head) / total, "attention": (total - weights) / total,
+            "dense_token_flops": total}
+
+
 def _attention_step_flops(flop_model: FlopModel, tokens: int, seq_len: int, hsa_on: bool) -> int | float:
     """Attention FLOPs of ``tokens`` tokens in sequences of ``seq_len``: ``6 d_attn * (2 pairs) * sequences``."""
     numerator = 6 * flop_model.attn_dim * flop_model.attended_pairs_x2(seq_len, hsa_on) * tokens

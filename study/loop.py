@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mst_hf import MSTConfig, MSTController, model_flop_shapes
+from mst_hf.flops import dense_flop_shares as flop_shares
 from mst_hf.flops import dense_token_flops
 from mst_hf.io.files import write_json
 from mst_hf.optim import ElementwiseAdamW
@@ -22,7 +23,7 @@ from mst_hf.schedule import lr_multiplier
 
 from .arms import STUDY_KEYS, Study
 from .data import load_tokens
-from .pricing import ConventionMeters, flop_shares
+from .pricing import ConventionMeters
 from .spikes import DEFAULT_THRESHOLD, detect_spikes, spike_rule
 
 LR_FIELDS = ("lr_schedule", "lr_floor", "lr_decay_start")  # what a dense arm's overrides may set

@@ -6,7 +6,6 @@ visits (:func:`mst_hf.conventions.triton_tile_pairs`), the same count the planne
 
 from mst_hf import FlopMeter
 from mst_hf.conventions import convention_flop_models
-from mst_hf.flops import attention_token_flops, dense_token_flops
 
 
 class ConventionMeters:
@@ -31,13 +30,3 @@ class ConventionMeters:
         """Counted FLOPs so far per convention (``None`` where the convention does not apply: tiles for a pattern
         the Triton kernel does not compute)."""
         return {name: None if m is None else float(m.total_flops) for name, m in self.meters.items()}
-
-
-def flop_shares(flop_model, seq_len: int) -> dict[str, float]:
-    """Shares of the dense causal training FLOPs per token (``mst_hf.flops``): the LM head, the other matmuls
-    (transformer blocks), and attention (``Q K^T`` and ``A V``)."""
-    total = dense_token_flops(flop_model, seq_len)
-    head = sum(6 * m.numel for m in flop_model.matmuls if m.is_lm_head)
-    attention = attention_token_flops(flop_model, (seq_len + 1) / 2)
-    return {"head": head / total, "blocks": (total - head - attention) / total, "attention": attention / total,
-            "dense_token_flops": total}

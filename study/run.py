@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import mst_hf
+from mst_hf.flops import dense_flop_shares as flop_shares
 from mst_hf.io.files import write_json
 
 from .arms import DEFAULT_ARMS, RUNGS, Study, parse_arms, parse_value
@@ -45,7 +46,6 @@ from .data import EOT, load_tokens, train_bpe
 from .frontier import DEFAULT_TOLERANCE
 from .loop import run_arm
 from .noise import repeat_of
-from .pricing import flop_shares
 from .report import study_report
 from .spikes import DEFAULT_THRESHOLD
 from .sweep import sweep_lrs

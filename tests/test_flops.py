@@ -217,3 +217,17 @@ def test_controller_state_dict_keeps_totals():
     run(ctl, range(4, 6))
     run(resumed, range(4, 6))
     assert resumed.flops.state_dict() == ctl.flops.state_dict()
+
+
+def test_dense_flop_shares_split_the_dense_count():
+    from transformers import GPT2Config
+
+    from mst_hf.flops import attention_token_flops, dense_flop_shares, dense_token_flops
+    from mst_hf.plan import build_meta_model
+
+    fm = model_flop_shapes(build_meta_model(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000)))
+    shares = dense_flop_shares(fm, 256)
+    assert shares["dense_token_flops"] == dense_token_flops(fm, 256)
+    assert shares["attention"] == attention_token_flops(fm, 257 / 2) / shares["dense_token_flops"]
+    assert shares["head"] == 6 * 64 * 1000 / shares["dense_token_flops"]
+    assert abs(shares["head"] + shares["blocks"] + shares["attention"] - 1) < 1e-12
