@@ -11,7 +11,7 @@ import mst_hf.attention.impl.common as common
 import mst_hf.attention.patterns as patterns
 from mst_hf import MSTConfig, MSTController
 
-from .helpers import SEQ, VOCAB, build
+from .helpers import SEQ, VOCAB, NoKernels, build
 
 STEPS = 10
 
@@ -60,19 +60,6 @@ def test_training_steps_build_the_spec_masks_and_density_once(kind, monkeypatch)
     assert (specs.n, masks.n, densities.n) == (0, 1, 1)
 
 
-class _NoKernels:
-    """The Triton device code replaced by launches that do nothing: only the host side of a call runs."""
-
-    class _Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    _fwd_kernel = _bwd_dq_kernel = _bwd_dkdv_kernel = _bwd_self_kernel = _Kernel()
-
-    class triton:  # noqa: N801 - mirrors the module attribute `_meta` reads
-        @staticmethod
-        def next_power_of_2(n):
-            return 1 << (n - 1).bit_length()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -80,7 +67,7 @@ def test_triton_launch_plan_is_built_once_across_forwards_and_switches(kind, mon
     pytest.importorskip("triton")
     import mst_hf.attention.impl.triton.launch as launch
 
-    monkeypatch.setattr(launch, "_kernels", lambda: _NoKernels)
+    monkeypatch.setattr(launch, "_kernels", lambda: NoKernels)
     monkeypatch.setattr(hsa.dispatch, "triton_available", lambda device: True)
     launch.plan_parts.cache_clear()
     model = build(kind, "mst_hsa").train()

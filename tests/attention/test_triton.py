@@ -20,7 +20,16 @@ from mst_hf.attention import HSASpec  # noqa: E402
 from mst_hf.attention.dispatch import auto_candidates, choose_kernel  # noqa: E402
 from mst_hf.attention.impl.reference import reference_attention  # noqa: E402
 
-from .helpers import ORACLE_MASKS, SEQ, VOCAB, assert_same_math, build, hand_mask, twin  # noqa: E402
+from .helpers import (  # noqa: E402
+    ORACLE_MASKS,
+    SEQ,
+    VOCAB,
+    NoKernels,
+    assert_same_math,
+    build,
+    hand_mask,
+    twin,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not at.triton_available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
@@ -111,19 +120,6 @@ def test_fused_qkv_slices_are_read_in_place_not_misread():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-class _NoKernels:
-    """Stands in for the device code: launches do nothing, so only the host-side tensor work of a call remains."""
-
-    class _Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    _fwd_kernel = _bwd_dq_kernel = _bwd_dkdv_kernel = _bwd_self_kernel = _Kernel()
-
-    class triton:  # noqa: N801 - mirrors the module attribute `_meta` reads
-        @staticmethod
-        def next_power_of_2(n):
-            return 1 << (n - 1).bit_length()
 
 
 class _AtenOps(TorchDispatchMode):
@@ -139,7 +135,7 @@ class _AtenOps(TorchDispatchMode):
 def host_tensor_ops(q, k, v, leaves, monkeypatch):
     """Counts of the aten ops one call runs around its kernels, forward and backward, as transformers uses it: the
     output transposed to ``(B, T, H, D)`` and made contiguous."""
-    monkeypatch.setattr(launch, "_kernels", lambda: _NoKernels)
+    monkeypatch.setattr(launch, "_kernels", lambda: NoKernels)
     with _AtenOps() as mode:
         out = at.triton_attention(q, k, v, HSASpec("local_strided", window=8, stride=4))
         y = out.transpose(1, 2).contiguous()
