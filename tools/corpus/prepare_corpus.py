@@ -13,7 +13,6 @@ sources are built (de-duplication then sees only them, so counts can differ slig
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from corpus import clean, extractors  # noqa: E402
-from corpus.fetch import fetch, unpack  # noqa: E402
+from corpus.fetch import fetch, sha256_of, unpack  # noqa: E402
 from corpus.sources import PINS, REFERENCE  # noqa: E402
 
 EOT = 50256
@@ -76,14 +75,6 @@ def source_pieces(pin, root, dedup):
         units = [u for u in units if dedup.keep(u)]
         out.extend(clean.pieces(units, spec.limit, sep))
     return out
-
-
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rel(mine, ref):
@@ -147,7 +138,7 @@ def build(args):
         print(
             f"tier {tier}: tokens {mine:10d} vs reference {ref:10d} ({_rel(mine, ref):+.2f}%) over {len(keys)} sources"
         )
-    manifest["_sha256"] = {f"{s}.bin": _sha256_file(os.path.join(args.out, f"{s}.bin")) for s in ("train", "val")}
+    manifest["_sha256"] = {f"{s}.bin": sha256_of(os.path.join(args.out, f"{s}.bin")) for s in ("train", "val")}
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
