@@ -309,6 +309,15 @@ def load_mst_config(path: str):
     return MSTConfig(**saved_fields(data, path))
 
 
+# What the study measured (docs/results.md), printed next to every counted reduction: a counted FLOP figure says
+# nothing about quality, and the study is the only quality evidence so far (one small scale).
+MEASURED_QUALITY = (
+    "Quality, measured (docs/results.md; only at 2.6M matmul weights and 38M tokens; one seed per learning rate): the default preset at a "
+    "counted 4.0x ends 0.26 nats above an iso-FLOP small dense model and further above dense, each at its own best "
+    "learning rate; no setting measured so far reaches dense quality with fewer counted FLOPs."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mst_hf.plan", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group()
@@ -351,6 +360,7 @@ def main(argv=None) -> int:
               f"6N + 12LdT: {summary['dense_token_flops_noncausal']:,}.")
         print(f"Counted FLOP reduction: {plan.flop_reduction:.3f}x "
               f"({plan.mst_total_flops:.4e} MST vs {plan.dense_total_flops:.4e} dense FLOPs).")
+        print(MEASURED_QUALITY)
         print("Counted reduction under each convention (same dense causal baseline; docs/concepts.md):")
         for key, value in summary["conventions"].items():
             print(f"  {conventions.DESCRIPTIONS[key]}: {'n/a' if value is None else f'{value:.3f}x'}")

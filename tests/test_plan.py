@@ -191,3 +191,11 @@ def test_recommended_preset_keeps_the_counted_4x_on_gpt2_124m():
     cfg = MSTConfig.from_preset("mst-recommended")
     assert (cfg.lr_schedule, cfg.lm_head_max_sparsity, cfg.grow_method) == ("wsd", 0.8, "gradient")
     assert plan_run("gpt2-124m", cfg, 10_000, 512 * 1024, 1024).flop_reduction >= 4.0
+
+
+def test_cli_prints_the_measured_quality_next_to_the_counted_reduction(capsys):
+    from mst_hf.plan import MEASURED_QUALITY
+
+    main(["--model", "gpt2-tiny", "--steps", "100", "--tokens-per-step", "2048", "--seq-len", "128"])
+    out = capsys.readouterr().out
+    assert MEASURED_QUALITY in out and out.index("Counted FLOP reduction") < out.index(MEASURED_QUALITY)
