@@ -312,9 +312,10 @@ def load_mst_config(path: str):
 # What the study measured (docs/results.md), printed next to every counted reduction: a counted FLOP figure says
 # nothing about quality, and the study is the only quality evidence so far (one small scale).
 MEASURED_QUALITY = (
-    "Quality, measured (docs/results.md; only at 2.6M matmul weights and 38M tokens; one seed per learning rate): the default preset at a "
-    "counted 4.0x ends 0.26 nats above an iso-FLOP small dense model and further above dense, each at its own best "
-    "learning rate; no setting measured so far reaches dense quality with fewer counted FLOPs."
+    "Quality, measured (docs/results.md; only at 2.6M matmul weights and 38M tokens; one seed per learning rate): "
+    "the default preset at a counted 4.0x ends 0.26 nats above an iso-FLOP small dense model and further above "
+    "dense, each at its own best learning rate; no setting measured so far reaches dense quality with fewer "
+    "counted FLOPs."
 )
 
 
