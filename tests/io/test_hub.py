@@ -170,3 +170,25 @@ def test_card_says_how_to_load_a_model_saved_with_sparse_attention_on(tmp_path):
         as_trained = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="mst_hsa").eval()(x).logits
         plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits
     assert torch.allclose(saved, as_trained, atol=1e-5) and not torch.allclose(saved, plain, atol=1e-3)
+
+
+def test_card_of_an_incomplete_flop_count_says_so_instead_of_a_reduction():
+    """Steps closed with no batch counted leave the FLOP totals incomplete: the card and the saved metrics carry no
+    reduction (a NaN would print as `nanx`, and a partial count as a wrong one) but say how many steps are missing."""
+    import torch
+
+    from mst_hf import MSTController
+    from mst_hf.io.hub import collect_metrics, controller_card_info, model_card_section
+
+    model = tiny_gpt2()
+    ctl = MSTController(model, MSTConfig(hsa_pattern="dense"))
+    batch = {k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}
+    for step in range(3):
+        ctl.before_forward(step, 10, batch if step < 2 else None)
+        model(**batch).loss.backward()
+        ctl.after_backward(step, 10)
+    metrics = collect_metrics([{"mst/flop_reduction": float("nan"), "eval_loss": 3.0}], ctl)
+    assert "mst/flop_reduction" not in metrics and metrics["mst/uncounted_steps"] == 1
+    section = model_card_section(controller_card_info(ctl, 3, 10, metrics))
+    assert "| Counted training FLOP reduction vs. dense | not known: 1 optimizer step(s) ran without" in section
+    assert "nan" not in section.lower()
