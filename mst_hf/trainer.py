@@ -240,7 +240,7 @@ class MSTTrainer(Trainer):
         self.mst.flops.invalidate()
         if saved is not None and attention.get_hsa_state(unwrap_model(self.model)) is not None:
             attention.configure_hsa(unwrap_model(self.model), **saved)
-            self.mst.hsa_on = None  # a later training step re-applies the schedule
+            self.mst.hsa_on = saved["active"]  # what the model now runs (a training step re-applies the schedule)
         self._weights_from = checkpoint
 
     # ------------------------------------------------------------------ the Hub

@@ -7,6 +7,7 @@ import transformers
 from transformers import TrainerCallback, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer, schedule
+from mst_hf.io import write_model_card
 from mst_hf.topology import active_count, allocate
 
 from .helpers import tiny_gpt2, tiny_llama, toy_dataset
@@ -198,10 +199,11 @@ def test_model_card_results_table_and_learning_rate_schedule_are_those_of_the_ru
                          eval_dataset=toy_dataset(16, seed=1))
     trainer.train()
     trainer.create_model_card()
+    write_model_card(str(tmp_path), {"lr_schedule": "wsd"})  # the MST section written again (as a push does)
     text = (tmp_path / "README.md").read_text(encoding="utf-8")
     header = text.split("### Training results", 1)[1].strip().splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == ["Training Loss", "Epoch", "Step", "Validation Loss"]
-    assert "- lr_scheduler_type: wsd (MSTConfig.lr_schedule, in place of the Trainer's cosine)" in text
+    assert "- lr_scheduler_type: wsd (MSTConfig.lr_schedule, in place of the Trainer's cosine)\n" in text
     assert any("mst/sparsity" in row for row in trainer.state.log_history)  # the logs keep them
 
 

@@ -223,8 +223,8 @@ def write_model_card(directory: str, info: dict, title: str | None = None) -> st
     if CARD_START in text and CARD_END in text:
         text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END):].lstrip("\n")
     if info.get("lr_schedule") in LR_SCHEDULES:  # Trainer's hyperparameter list names the scheduler MST replaced
-        text = re.sub(r"^- lr_scheduler_type: (.*)$", rf"- lr_scheduler_type: {info['lr_schedule']} "
-                      r"(MSTConfig.lr_schedule, in place of the Trainer's \1)", text, flags=re.M)
+        named = rf"- lr_scheduler_type: {info['lr_schedule']} (MSTConfig.lr_schedule, in place of the Trainer's \1)"
+        text = re.sub(r"^- lr_scheduler_type: ((?!.*MSTConfig\.lr_schedule).*)$", named, text, flags=re.M)
     card.text = text.rstrip("\n") + "\n\n" + model_card_section(info)
     card.save(path)
     return path
