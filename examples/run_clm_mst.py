@@ -55,7 +55,7 @@ import datasets  # noqa: E402
 import evaluate  # noqa: E402
 from datasets import DatasetDict, load_dataset, load_from_disk  # noqa: E402
 
-from mst_hf import MSTTrainer, reporting  # noqa: E402  # MST
+from mst_hf import MSTTrainer, layer_sparsities, reporting  # noqa: E402  # MST
 from mst_hf.arguments import file_values, mst_arguments_dataclass, to_mst_config  # noqa: E402  # MST
 from mst_hf.embedded import embedded_tokenizer, load_embedded_dataset  # noqa: E402  # MST
 from mst_hf.metrics import TOKEN_ACCURACY_PATH  # noqa: E402  # MST
@@ -73,8 +73,7 @@ EXAMPLE_DEFAULTS = {
     "per_device_eval_batch_size": 16,
     "learning_rate": 2e-3,
     "weight_decay": 0.0,
-    "warmup_steps": 20,
-    "lr_scheduler_type": "cosine",
+    "warmup_steps": 20,  # the learning-rate schedule is the MST preset's `lr_schedule` (wsd), or Trainer's when None
     "eval_strategy": "steps",
     "eval_steps": 100,
     "logging_steps": 10,
@@ -359,6 +358,18 @@ def resolve_block_size(data_args: DataTrainingArguments, tokenizer, config) -> i
     return data_args.block_size
 
 
+def check_mst_fits_model(mst_config, shapes_model) -> None:  # MST
+    """The layer-wise allocation at the run's peak sparsity on the model's shapes, so that a setting this model
+    cannot meet (a cap on its LM head's sparsity) fails now, naming the flag to change, not after the data is
+    loaded."""
+    peak = max(mst_config.initial_sparsity, mst_config.ultra_sparsity, mst_config.final_sparsity)
+    try:
+        layer_sparsities(shapes_model, mst_config, peak)
+    except ValueError as err:
+        flag = next((f"--mst_{k}" for k in mst_config.mst_dict() if f"`{k}`" in str(err)), "--mst_*")
+        raise ValueError(f"{flag}: {err}") from err
+
+
 # ---------------------------------------------------------------------------------------------------------- metrics
 def preprocess_logits_for_metrics(logits, labels):
     if isinstance(logits, tuple):
@@ -418,19 +429,20 @@ def main(argv: list[str] | None = None) -> dict:
                            "To start afresh, pass another `--output_dir` or empty this one.")
 
     set_seed(training_args.seed)
-    raw_datasets = load_raw_datasets(data_args, model_args)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args)  # MST: tokenizer and config before the data (for the check below)
     if data_args.block_size is None and uses_embedded_model(model_args):  # MST: the embedded default run
         data_args.block_size = DEFAULT_BLOCK_SIZE
     config = load_config(model_args, data_args.block_size)
     block_size = resolve_block_size(data_args, tokenizer, config)
-    train_dataset, eval_dataset = tokenize_and_group(raw_datasets, tokenizer, data_args, block_size, training_args)
     with torch.device("meta"):  # MST: the model's shapes, for the default preset's LM-head cap (no weights built)
         shapes_model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     mst_config = to_mst_config(mst_args, training_args.max_steps, block_size, model=shapes_model)  # MST
+    check_mst_fits_model(mst_config, shapes_model)  # MST: before any data is loaded
     if not training_args.do_train:  # MST: evaluation only: never prune the given model's weights
         mst_config.initial_sparsity = 0.0
     logger.info(f"MST config: {json.dumps(mst_config.mst_dict(), sort_keys=True)}")  # MST
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    train_dataset, eval_dataset = tokenize_and_group(raw_datasets, tokenizer, data_args, block_size, training_args)
 
     dense_config = copy.deepcopy(config)  # MST: the dense baseline's, untouched by MSTTrainer's HSA settings
     set_seed(training_args.seed)  # MST: the dense baseline starts from the same initial weights
@@ -487,8 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
             data="embedded Moby-Dick" if uses_embedded_data(data_args) else (
                 data_args.dataset_name or data_args.train_file),
             train_blocks=len(train_dataset), eval_blocks=len(eval_dataset), block_size=block_size,
-            max_steps=training_args.max_steps, world_size=training_args.world_size,
-            mst_config=mst_config.mst_dict(), hsa=mst_config.hsa_pattern != "dense",
+            max_steps=training_args.max_steps, world_size=training_args.world_size,  # MST: the config the run used
+            mst_config=trainer.mst.config.mst_dict(), hsa=trainer.mst.config.hsa_pattern != "dense",
             mst=reporting.mst_summary(trainer, block_size, eval_metrics, train_seconds),
         )
         summary["tokens_per_step"] = summary["mst"]["tokens_per_step"]

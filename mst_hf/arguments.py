@@ -2,7 +2,7 @@
 
 `HfArgumentParser` cannot parse a `PreTrainedConfig`, so :func:`mst_arguments_dataclass` builds a plain dataclass
 with one ``--mst_<field>`` flag per `MSTConfig` field (its help text is the field's ``metadata["help"]``, followed
-by the config's default) and ``--mst_preset``. Nothing here lists the fields by hand: a field added to
+by the default preset's value) and ``--mst_preset``. Nothing here lists the fields by hand: a field added to
 `MSTConfig` gets its flag. Every flag defaults to unset (``None``), so that :func:`to_mst_config` can apply, in
 order, the preset, the values scaled to the run (:func:`mst_hf.defaults.run_scaled_defaults`) and the flags
 actually given.
@@ -157,8 +157,10 @@ def as_text(value) -> str:
 
 # ------------------------------------------------------------------------------------------------ the dataclass
 def _help(field: dataclasses.Field, default) -> str:
+    """The field's help, then the value an unset flag takes: the default preset's (``MSTConfig.from_preset()``, what
+    :func:`to_mst_config` starts from when no preset is named), not the bare ``MSTConfig()`` field default."""
     text = field.metadata.get("help", "").rstrip()
-    text += f" Default: {as_text(default)}"
+    text += f" Default (preset {DEFAULT_PRESET}): {as_text(default)}"
     if _nullable(field.type):
         text += " (`none`: None)"
     if field.name in RUN_SCALED:
@@ -172,7 +174,7 @@ def mst_arguments_dataclass(extra_fields=(), name: str = "MSTArguments") -> type
     """A dataclass with ``mst_preset`` and one ``mst_<field>`` per `MSTConfig` field (all default ``None``),
     followed by ``extra_fields`` (``(name, type, dataclasses.field(...))`` tuples, as for
     `dataclasses.make_dataclass`) for a script's own flags."""
-    defaults = MSTConfig()
+    defaults = MSTConfig.from_preset(DEFAULT_PRESET)  # what an unset flag takes when no preset is named
     fields = [(
         PRESET_FLAG,
         str | None,

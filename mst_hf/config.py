@@ -21,7 +21,6 @@ SPARSITY_STRUCTURES = ("unstructured", "block")
 WEIGHT_KERNELS = ("dense", "auto", "block")
 
 
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -38,7 +37,7 @@ class MSTConfig(PretrainedConfig):
     for the formulas and ``mst_hf.schedule`` for their implementation.
 
     Args:
-        initial_sparsity: sparsity at step 0 (0.0: start dense).
+        initial_sparsity / initial_mask: sparsity at step 0 (0.0: start dense); its masks: auto, random or magnitude.
         ultra_sparsity: sparsity of the ultra-sparsification phase.
         final_sparsity: sparsity reached at the end of restoration (0.0: end dense).
         warmup_ratio / restoration_ratio: phase lengths as fractions of the run; their sum must be <= 1.
@@ -77,6 +76,8 @@ class MSTConfig(PretrainedConfig):
     model_type = "mst"
 
     initial_sparsity: float = field(default=0.0, metadata={"help": "Weight sparsity at step 0 (0.0: start dense)."})
+    initial_mask: str = field(default="auto", metadata={"help": "Masks of step 0: auto (the saved masks, or |w| of "
+                              "loaded weights, else random), random or magnitude (largest |w|)."})
     ultra_sparsity: float = field(default=0.9, metadata={"help": "Weight sparsity of the ultra-sparsification phase."})
     final_sparsity: float = field(
         default=0.0, metadata={"help": "Weight sparsity at the end of restoration (0.0: end dense)."}

@@ -27,12 +27,17 @@ from transformers.utils import logging
 
 from . import allocation, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
+from .initial_masks import set_initial_masks
 from .masks import MaskState, mask_fingerprint
 from .targets import TargetWeight, require_targets, unwrap_model, warn_fused_experts
 
 logger = logging.get_logger(__name__)
 
 _SEED_MOD = 2**62
+_NO_ATTENTION = ("MST: %s has no attention layer (its config names no attention heads): hybrid sparse attention "
+                 "(hsa_pattern=%r) is switched off for this run (saved as 'dense'); set `hsa_pattern='dense'`.")
+_NO_TOKENS = ("MST: step %d closed with no tokens counted (call before_forward(step, total_steps, batch) with every "
+              "micro-batch): the FLOP totals miss it, so mst/flop_reduction is NaN (the count is incomplete).")
 
 
 def _world_size() -> int:
@@ -97,8 +102,12 @@ class MSTController:
 
             self.weight_kernels = WeightKernels(unwrap_model(model), self.targets, self.masks, self.block,
                                                 mst_config.weight_kernels)
-        if initialize_masks and mst_config.initial_sparsity > 0:
-            self._random_initial_masks(mst_config.initial_sparsity)
+        if initialize_masks and mst_config.initial_sparsity > 0:  # saved, magnitude or seeded random masks
+            set_initial_masks(self, mst_config.initial_sparsity, lambda i, device: self._generator(-1, i, device))
+        transformers_model = isinstance(getattr(unwrap_model(model), "config", None), PretrainedConfig)
+        if mst_config.hsa_pattern != "dense" and transformers_model and not self.flops.flop_model.n_layers:
+            logger.warning(_NO_ATTENTION, type(unwrap_model(model)).__name__, mst_config.hsa_pattern)
+            self.config = mst_config = MSTConfig(**{**mst_config.mst_dict(), "hsa_pattern": "dense"})
         if mst_config.hsa_pattern != "dense":
             self._setup_hsa()
 
@@ -191,20 +200,6 @@ class MSTController:
                     f"attention (hsa_pattern={cfg.hsa_pattern!r}) cannot run on it ({err}). Set `hsa_pattern='dense'`."
                 ) from err
 
-    @torch.no_grad()
-    def _random_initial_masks(self, sparsity: float) -> None:
-        for i, (name, density) in enumerate(self.target_densities(sparsity).items()):
-            param = self.targets[name].param
-            generator = self._generator(-1, i, param.device)
-            if self.block is not None:
-                n_tiles = topology.active_tiles(tuple(param.shape), self.block, density)
-                mask = topology.random_block_mask(tuple(param.shape), n_tiles, self.block, generator, param.device)
-            else:
-                n_active = topology.active_count(param.numel(), density)
-                mask = topology.random_mask(tuple(param.shape), n_active, generator, param.device)
-            self.masks.set_mask(name, mask)
-        self.masks.apply_to_weights()
-
     def _agree(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Make sure every rank holds the same new masks. They already agree when weights and gradients do (the same
         all-reduced gradients, the same seeded generators), so ranks compare a fingerprint per mask (a few bytes:
@@ -271,7 +266,10 @@ class MSTController:
         Returns the update's record, or ``None`` when no update happened."""
         self.follow_params()
         update = self.is_update_step(step, total_steps)
+        uncounted = self.flops.uncounted_steps
         self.flops.end_step(self.masks, hsa_on=bool(self.hsa_on), update_step=update)
+        if uncounted == 0 < self.flops.uncounted_steps:  # the first step of the run without a counted batch
+            logger.warning(_NO_TOKENS, step)
         record = None
         if update and not self.masks.grads_finite():
             # Growth scores would be NaN/inf (e.g. an overflowing fp16 step that GradScaler is about to skip): keep

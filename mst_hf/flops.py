@@ -274,8 +274,9 @@ class FlopMeter:
     once, after the backward and *before* the topology update, with the masks the step's forward and backward ran
     with (an update step pays the dense weight gradient of their inactive part; the new masks count from the next
     step on). Active counts read from a :class:`~mst_hf.MaskState` are cached until the next update step or
-    :meth:`load_state_dict`; call :meth:`invalidate` after changing masks any other way. Only the masks of the flop
-    model's targets are read: a matrix it counts dense (e.g. the head of the ``dense_lm_head`` model of
+    :meth:`load_state_dict`; call :meth:`invalidate` after changing masks any other way. A step closed with no batch
+    counted (``uncounted_steps``) leaves the totals incomplete: ``flop_reduction`` is NaN from then on. Only the masks
+    of the flop model's targets are read: a matrix it counts dense (e.g. the head of the ``dense_lm_head`` model of
     :func:`mst_hf.conventions.convention_flop_models`) is charged dense whatever its mask, so one run's masks can be
     priced under each convention.
     """
@@ -286,6 +287,7 @@ class FlopMeter:
         self.dense_total_flops: int | float = 0
         self.tokens = 0
         self.steps = 0
+        self.uncounted_steps = 0  # steps closed without any batch counted: the totals miss them
         self.step_flops: int | float = 0
         self.attention_density = 1.0
         self._pending: dict[int, int] = {}  # seq_len -> sequences in the current step
@@ -347,6 +349,8 @@ class FlopMeter:
             self.tokens += tokens
         if dense_pairs:
             self.attention_density = pairs / dense_pairs
+        if not self._pending:
+            self.uncounted_steps += 1
         self.step_flops = flops
         self.total_flops += flops
         self.dense_total_flops += dense
@@ -358,7 +362,10 @@ class FlopMeter:
 
     @property
     def flop_reduction(self) -> float:
-        """Dense total over MST total (1.0 before anything is counted)."""
+        """Dense total over MST total (1.0 before anything is counted; NaN once a step closed with no batch counted,
+        since the totals then miss that step)."""
+        if self.uncounted_steps:
+            return float("nan")
         return self.dense_total_flops / self.total_flops if self.total_flops else 1.0
 
     def metrics(self) -> dict[str, float]:
@@ -378,6 +385,7 @@ class FlopMeter:
             "dense_total_flops": self.dense_total_flops,
             "tokens": self.tokens,
             "steps": self.steps,
+            "uncounted_steps": self.uncounted_steps,
             "step_flops": self.step_flops,
             "attention_density": self.attention_density,
         }

@@ -12,6 +12,7 @@ from . import schedule
 
 REGROW_OPTIMIZER_STATES = ("zero", "warm", "restart")
 REGROW_INITS = ("zero", "gradient")
+INITIAL_MASKS = ("auto", "random", "magnitude")  # mst_hf.initial_masks
 
 
 def _number(value) -> bool:
@@ -62,6 +63,9 @@ def validate_recipe(cfg) -> None:
             f"where the updates stop), got {cfg.warmup_ratio!r} + {cfg.restoration_ratio!r} + "
             f"{cfg.stop_updates_ratio!r} = {total!r}; shorten a phase or the frozen tail."
         )
+    if cfg.initial_mask not in INITIAL_MASKS:
+        raise ValueError(f"`initial_mask` must be one of {INITIAL_MASKS} (how the masks of step 0 are chosen), got "
+                         f"{cfg.initial_mask!r}.")
 
 
 def phase_lr_scheduler(optimizer, total_steps: int, cfg, warmup_steps: int = 0):

@@ -21,17 +21,33 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import logging
 
-from . import sharding
+from . import attention, sharding
 from .config import MST_CONFIG_NAME, MSTConfig
 from .controller import MSTController
 from .defaults import run_config, sequence_length
 from .io import hub
-from .io.checkpoint import MASKS_NAME, STATE_NAME, check_mst_checkpoint, restore_mst_checkpoint, save_mst_files
+from .io.checkpoint import (
+    MASKS_NAME,
+    STATE_NAME,
+    check_mst_checkpoint,
+    restore_mst_checkpoint,
+    save_mst_files,
+    saved_attention,
+)
 from .optim import ElementwiseAdamW
 from .presets import DEFAULT_PRESET
-from .targets import PEFT_REFUSAL, has_peft_layers
+from .targets import PEFT_REFUSAL, has_peft_layers, unwrap_model
 
 logger = logging.get_logger(__name__)
+
+
+def _saved_sparse_attention(model) -> dict | None:
+    """The HSA state a model was saved with (``config.mst_hsa``), when its sparse pattern is on; else ``None``."""
+    config = getattr(unwrap_model(model), "config", None)
+    state = getattr(config, attention.HSA_NAME, None)
+    if not isinstance(state, dict) or state.get("active") is not True:
+        return None
+    return attention.validate_hsa_state(dict(state))
 
 
 class _MSTCallback(TrainerCallback):
@@ -64,10 +80,29 @@ class MSTTrainer(Trainer):
                 "still multiplied by fp16's loss scale when MSTTrainer sees them; got fp16=True. Train with bf16=True "
                 "(no loss scaling) or set `regrow_optimizer_state='zero'`."
             )
-        self.mst_config = mst_config
+        saved_attention = _saved_sparse_attention(self.model) if self.train_dataset is None else None
         self.mst = MSTController(self.model, mst_config)
+        self.mst_config = self.mst.config  # the controller's (sparse attention switched off for a model without any)
         self._mst_runs = 0
+        self._weights_from = None  # the checkpoint whose weights the model holds (load_best_model_at_end)
+        self._update_logs: dict[str, float] = {}  # topology updates since the last training log row
+        self._run_attention = None  # (the run's HSA state) while evaluation keeps a saved sparse pattern
+        if saved_attention is not None:
+            self._keep_saved_attention(saved_attention)
         self.add_callback(_MSTCallback(self.mst))
+
+    def _keep_saved_attention(self, saved: dict) -> None:
+        """Evaluation only (no training data): a model saved with the sparse attention pattern on (a checkpoint of
+        an HSA phase) keeps it, as it was trained, instead of the run's schedule state (off until a training step).
+        :meth:`train` puts the run's state back, so the schedule decides once it trains."""
+        model = unwrap_model(self.model)
+        dense_run = self.mst.config.hsa_pattern == "dense"  # then the model's state is still the saved one
+        self._run_attention = {**saved, "active": False} if dense_run else attention.get_hsa_state(model)
+        attention.configure_hsa(model, **saved)
+        if getattr(model.config, "_attn_implementation", None) != attention.HSA_NAME:
+            model.set_attn_implementation(attention.HSA_NAME)
+        logger.info("MSTTrainer without training data: the model keeps the sparse attention it was saved with (%s).",
+                    saved)
 
     def _refuse_unsupported_parallelism(self) -> None:
         """DeepSpeed and FSDP1 are refused; FSDP2 (``fully_shard``, DTensor parameters) is supported."""
@@ -94,14 +129,11 @@ class MSTTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
             record = self.mst.after_backward(step, total, self.optimizer)
-            if record is not None:
-                self.log(
-                    {
-                        "mst/target_sparsity": record["target_sparsity"],
-                        "mst/dropped": float(record["dropped"]),
-                        "mst/grown": float(record["grown"]),
-                    }
-                )
+            if record is not None:  # logged with the next training row (no row of its own: see `log`)
+                pending = self._update_logs
+                pending["mst/target_sparsity"] = record["target_sparsity"]
+                for key in ("dropped", "grown"):
+                    pending[f"mst/{key}"] = pending.get(f"mst/{key}", 0.0) + float(record[key])
         return loss
 
     # ------------------------------------------------------------------ logging
@@ -111,8 +143,14 @@ class MSTTrainer(Trainer):
         return self.mst.metrics(self.state.global_step, self.state.max_steps)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Trainer's log row plus :meth:`mst_metrics`; a training row (``loss``, or the final ``train_loss``) also
+        gets the topology updates run since the previous one: ``mst/target_sparsity`` of the last update, and
+        ``mst/dropped`` / ``mst/grown`` summed over them (weights, or tiles with block masks)."""
         if self.state.max_steps:
             logs = {**logs, **self.mst_metrics()}
+            if "loss" in logs or "train_loss" in logs:
+                logs.update(self._update_logs)
+                self._update_logs = {}
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -126,7 +164,11 @@ class MSTTrainer(Trainer):
                            "and masks; its FLOP totals do not include the earlier run's. To continue a run instead, "
                            "pass resume_from_checkpoint.")
             self.mst.reset_run()
+        if self._run_attention is not None:  # evaluation kept a saved sparse pattern: training follows the schedule
+            attention.configure_hsa(unwrap_model(self.model), **self._run_attention)
+            self._run_attention, self.mst.hsa_on = None, None
         self._mst_runs += 1
+        self._weights_from, self._update_logs = None, {}
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         output.metrics.update(self.mst.flops.metrics())
         return output
@@ -198,7 +240,7 @@ class MSTTrainer(Trainer):
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             metrics = hub.collect_metrics(self.state.log_history, self.mst)
             save_mst_files(output_dir, self.mst, self.state.global_step, self.state.max_steps, metrics,
-                           write=self.args.should_save)
+                           write=self.args.should_save, weights_from=self._weights_from)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Validate the checkpoint's MST files (refusing a missing, corrupt or mismatched mask file before anything is
@@ -210,12 +252,20 @@ class MSTTrainer(Trainer):
         restore_mst_checkpoint(self.mst, checkpoint)
 
     def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: the best checkpoint's masks come with its weights."""
+        """``load_best_model_at_end``: the best checkpoint's masks and attention state (``config.mst_hsa``: the sparse
+        pattern on or off, as its weights were trained) come with its weights, and what is saved afterwards (MST files,
+        ``config.json``, model card) describes that checkpoint, not the run's last step. The FLOP totals stay the
+        run's (what training cost)."""
         checkpoint = check_mst_checkpoint(self.state.best_model_checkpoint, self.mst)
+        saved = saved_attention(checkpoint.path)
         super()._load_best_model()
         self.mst.follow_params()
         self.mst.masks.load_state_dict(checkpoint.masks, apply=True)
         self.mst.flops.invalidate()
+        if saved is not None and attention.get_hsa_state(unwrap_model(self.model)) is not None:
+            attention.configure_hsa(unwrap_model(self.model), **saved)
+            self.mst.hsa_on = saved["active"]  # what the model now runs (a training step re-applies the schedule)
+        self._weights_from = checkpoint
 
     # ------------------------------------------------------------------ the Hub
     def push_to_hub(self, *args, **kwargs):
@@ -230,10 +280,16 @@ class MSTTrainer(Trainer):
         """Trainer's card plus the MST section (schedule, final sparsity, counted FLOP reduction, perplexity)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in hub.MST_TAGS if t not in tags]
-        super().create_model_card(language=language, license=license, tags=tags, **kwargs)
+        history = self.state.log_history  # Trainer's results table names columns after the words of each metric:
+        self.state.log_history = [{k: v for k, v in row.items() if not k.startswith("mst/")} for row in history]
+        try:  # the mst/* values (in the MST section) would garble it
+            super().create_model_card(language=language, license=license, tags=tags, **kwargs)
+        finally:
+            self.state.log_history = history
         if self.is_world_process_zero():
             metrics = hub.collect_metrics(self.state.log_history, self.mst)
-            info = hub.controller_card_info(self.mst, self.state.global_step, self.state.max_steps, metrics)
+            info = hub.controller_card_info(self.mst, self.state.global_step, self.state.max_steps, metrics,
+                                            weights_from=self._weights_from)
             hub.write_model_card(self.args.output_dir, info)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:

@@ -1,6 +1,9 @@
 """A custom loop written exactly as `MSTController`'s docstring says counts the same FLOPs and gets the same masks as
 `MSTTrainer` on the same run (same model, data order, optimizer and schedule)."""
 
+import logging
+import math
+
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -64,6 +67,45 @@ def test_custom_loop_without_batches_counts_no_tokens():
     model(**{k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}).loss.backward()
     ctl.after_backward(0, STEPS)
     assert ctl.flops.tokens == 0 and ctl.flops.total_flops == 0
+
+
+def test_a_step_closed_without_a_counted_batch_warns_once_and_the_reduction_says_incomplete(caplog):
+    """A loop that forgets the batch in before_forward (at any step) gets one warning naming the call, and a FLOP
+    reduction of NaN (not 1.0, or the reduction of the steps that were counted)."""
+    model = tiny_gpt2()
+    ctl = MSTController(model, _cfg())
+    batch = {k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}
+    with caplog.at_level(logging.WARNING, logger="mst_hf.controller"):
+        for step in range(4):
+            ctl.before_forward(step, STEPS, batch if step == 0 else None)  # counted once, then forgotten
+            model(**batch).loss.backward()
+            ctl.after_backward(step, STEPS)
+    warned = [r.getMessage() for r in caplog.records if "before_forward(step, total_steps, batch)" in r.getMessage()]
+    assert len(warned) == 1 and "step 1 " in warned[0]
+    assert ctl.flops.tokens == 2 * 32 and ctl.flops.uncounted_steps == 3
+    assert math.isnan(ctl.metrics(4, STEPS)["mst/flop_reduction"])
+
+
+def test_a_model_without_attention_trains_without_sparse_attention_and_logs_it_off(caplog):
+    """A Mamba model has no attention layer: the pattern is switched off with a warning (the config the run saves
+    says so) and the logs say 0 / dense, not `mst/hsa` 1 with a density, in the phase where HSA would be on."""
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                         state_size=4, expand=2))
+    cfg = MSTConfig(ultra_sparsity=0.5, warmup_ratio=0.0, restoration_ratio=0.0, hsa_pattern="local_strided",
+                    hsa_window=4, hsa_stride=4)
+    with caplog.at_level(logging.WARNING, logger="mst_hf.controller"):
+        ctl = MSTController(model, cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    on = ctl.before_forward(0, 4, {"input_ids": ids})
+    model(input_ids=ids, labels=ids).loss.backward()
+    ctl.after_backward(0, 4)
+    metrics = ctl.metrics(1, 4)
+    assert "has no attention layer" in caplog.text and ctl.config.hsa_pattern == "dense"
+    assert (on, metrics["mst/hsa"], metrics["mst/hsa_density"], metrics["mst/attention_density"]) == (
+        False, 0.0, 1.0, 1.0)
 
 
 def _masked_gpt2():

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -302,6 +303,46 @@ def test_run_scaling_applies_to_a_preset_and_flags_win(example):
     assert (flagged.update_interval, flagged.hsa_window, flagged.hsa_stride) == (50, 32, 16)
 
 
+def test_help_shows_the_values_of_the_default_preset(example, capsys):
+    """An unset flag takes the default preset's value (mst-recommended: constant 80%, WSD), and --help says so, not
+    the bare MSTConfig() defaults (the paper's 0.0 / None)."""
+    with pytest.raises(SystemExit):
+        example.parse_arguments(["--help"])
+    text = " ".join(re.sub(r"-\s+", "-", capsys.readouterr().out).split())  # argparse wraps after hyphens
+    for expected in ("(0.0: start dense). Default (preset mst-recommended): 0.8.",
+                     "(0.0: end dense). Default (preset mst-recommended): 0.8.",
+                     "(None: Trainer's). Default (preset mst-recommended): wsd (`none`: None)."):
+        assert expected in text
+
+
+def test_default_run_replaces_no_learning_rate_setting(example, tmp_path, caplog):
+    """The default preset's `lr_schedule` (WSD) decides the learning rate; the script's own defaults set no other
+    scheduler for it to replace, so a default run warns about none."""
+    import logging
+
+    from mst_hf import MSTTrainer
+
+    from .helpers import tiny_gpt2, toy_dataset
+
+    _, _, training_args, mst_args = example.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu"])
+    trainer = MSTTrainer(tiny_gpt2(), training_args, mst_config=to_mst_config(mst_args, training_args.max_steps, 32),
+                         train_dataset=toy_dataset(), eval_dataset=toy_dataset(8))
+    with caplog.at_level(logging.WARNING):
+        trainer.create_optimizer_and_scheduler(training_args.max_steps)
+    assert trainer.mst_config.lr_schedule == "wsd" and "replaces lr_scheduler_type" not in caplog.text
+
+
+def test_a_preset_the_model_cannot_meet_fails_before_the_data_naming_the_flag(example, monkeypatch, tmp_path):
+    """mst-3phase caps the head at 80% sparsity at 90% overall: the default run's model (its head 89% of the weights)
+    cannot meet it. The script says so naming the flag, before it loads (and tokenizes) any data."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the MST settings were checked against the model")
+
+    monkeypatch.setattr(example, "load_raw_datasets", no_data)
+    with pytest.raises(ValueError, match=r"^--mst_lm_head_max_sparsity: .*`lm_head_max_sparsity`"):
+        run_in_process(example, ["--mst_preset", "mst-3phase", "--output_dir", str(tmp_path)])
+
+
 def test_explicit_mst_arguments_override_the_preset(example):
     args = example.MSTArguments(mst_preset="gpt2-4x", mst_ultra_sparsity=0.8, mst_grow_method="random",
                                 mst_hsa_layers="0,2")
@@ -426,6 +467,19 @@ def test_do_eval_alone_evaluates_the_given_model(example, tiny_run, tmp_path):
     trained = [n for n in ("train_results.json", "model.safetensors", "summary.json") if os.path.exists(out / n)]
     assert trained == [] and evaluated["perplexity"] == pytest.approx(read_summary(tiny_run)["mst"]["perplexity"],
                                                                       rel=1e-6)
+
+
+@pytest.mark.slow
+def test_continuing_from_a_saved_model_starts_from_its_masks(example, tiny_run, tmp_path):
+    """Training the tiny run's model further (the default preset asks for 80% sparsity from step 0) starts from its
+    saved masks: the model evaluated before training is the saved one, so its perplexity is the one the tiny run
+    ended with (random masks drawn at 80% would prune the trained weights)."""
+    summary = run_in_process(example, [
+        "--model_name_or_path", str(tiny_run), "--output_dir", str(tmp_path / "continued"), "--block_size", "32",
+        "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_eval_batch_size",
+        "8", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--report_to", "none",
+    ])
+    assert summary["untrained_perplexity"] == pytest.approx(read_summary(tiny_run)["mst"]["perplexity"], rel=1e-6)
 
 
 @pytest.mark.slow

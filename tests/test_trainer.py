@@ -7,6 +7,7 @@ import transformers
 from transformers import TrainerCallback, TrainingArguments
 
 from mst_hf import MSTConfig, MSTTrainer, schedule
+from mst_hf.io import write_model_card
 from mst_hf.topology import active_count, allocate
 
 from .helpers import tiny_gpt2, tiny_llama, toy_dataset
@@ -78,12 +79,22 @@ def test_trainer_follows_schedule_and_learns(build, tmp_path):
 
 def test_logs_carry_mst_values(tmp_path):
     trainer, _ = _train(tiny_gpt2(), tmp_path, max_steps=12)
-    logs = trainer.state.log_history
-    updates = [h for h in logs if "mst/dropped" in h]
-    assert [h["step"] for h in updates] == schedule.update_steps(12, trainer.mst_config)
-    train_logs = [h for h in logs if "loss" in h]
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all({"mst/sparsity", "mst/phase", "mst/drop_fraction"} <= set(h) for h in train_logs)
     assert all(isinstance(v, float) for h in train_logs for k, v in h.items() if k.startswith("mst/"))
+
+
+def test_topology_updates_add_no_log_rows_their_values_come_with_the_next_training_row(tmp_path):
+    """Updates at steps 0, 2, 5, 9, 10 of 12, logging every 5 steps: the rows stay on the grid (steps 5 and 10, then
+    Trainer's final row), and each carries the updates since the previous one (drops and growth summed)."""
+    trainer, _ = _train(tiny_gpt2(), tmp_path, max_steps=12)
+    logs, history = trainer.state.log_history, trainer.mst.history
+    assert [r["step"] for r in history] == [0, 2, 5, 9, 10]
+    assert [h["step"] for h in logs] == [5, 10, 12]
+    since = [[r for r in history if low <= r["step"] < high] for low, high in ((0, 5), (5, 10), (10, 12))]
+    expected = [(rs[-1]["target_sparsity"], float(sum(r["dropped"] for r in rs)), float(sum(r["grown"] for r in rs)))
+                for rs in since]
+    assert [(h["mst/target_sparsity"], h["mst/dropped"], h["mst/grown"]) for h in logs] == expected
 
 
 def test_gradient_accumulation_gives_the_same_masks(tmp_path):
@@ -178,3 +189,103 @@ def test_train_called_twice_runs_a_new_schedule_and_counts_only_its_flops(tmp_pa
     assert trainer.mst.flops.total_flops == pytest.approx(first, rel=0.2)  # one run's worth, not two
     assert [r["step"] for r in trainer.mst.history] == first_updates  # the same schedule again, once
     assert trainer.mst.flops.tokens == 10 * 8 * 32
+
+
+def test_model_card_results_table_and_learning_rate_schedule_are_those_of_the_run(tmp_path):
+    """Trainer's results table keeps its own columns (the mst/* values, in the MST section, would be split into
+    misnamed, colliding columns), and the card names the MST learning-rate schedule that replaced the Trainer's."""
+    args = _args(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=5, lr_scheduler_type="cosine")
+    trainer = MSTTrainer(tiny_gpt2(), args, mst_config=_cfg(lr_schedule="wsd"), train_dataset=toy_dataset(),
+                         eval_dataset=toy_dataset(16, seed=1))
+    trainer.train()
+    trainer.create_model_card()
+    write_model_card(str(tmp_path), {"lr_schedule": "wsd"})  # the MST section written again (as a push does)
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    header = text.split("### Training results", 1)[1].strip().splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["Training Loss", "Epoch", "Step", "Validation Loss"]
+    assert "- lr_scheduler_type: wsd (MSTConfig.lr_schedule, in place of the Trainer's cosine)\n" in text
+    assert any("mst/sparsity" in row for row in trainer.state.log_history)  # the logs keep them
+
+
+def _saved_with_sparse_attention(path):
+    """A tiny GPT-2 saved with the local pattern (window 4) on, as a checkpoint of an HSA phase is."""
+    from mst_hf import configure_hsa
+
+    model = tiny_gpt2()
+    configure_hsa(model, pattern="local", window=4, active=True)
+    model.save_pretrained(path)
+    return path
+
+
+def test_evaluation_only_keeps_the_sparse_attention_the_model_was_saved_with(tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer
+
+    path = _saved_with_sparse_attention(tmp_path / "model")
+    data, args = toy_dataset(16, seed=1), _args(tmp_path / "out")
+
+    def loss(trainer_cls, model, **kw):
+        return trainer_cls(model, args, eval_dataset=data, **kw).evaluate()["eval_loss"]
+
+    sparse = loss(Trainer, AutoModelForCausalLM.from_pretrained(path, attn_implementation="mst_hsa"))
+    dense = loss(Trainer, AutoModelForCausalLM.from_pretrained(path))
+    cfg = _cfg(hsa_pattern="local", hsa_window=8)  # another window: the saved one (4) is kept for evaluation
+    assert loss(MSTTrainer, AutoModelForCausalLM.from_pretrained(path), mst_config=cfg) == sparse != dense
+
+
+def test_a_saved_sparse_attention_state_gives_way_to_the_schedule_when_training(tmp_path):
+    """With training data the schedule decides from the start; an evaluation-only trainer given data later hands
+    the attention back to the schedule when it trains (the ultra phase of this run is steps 1-2 of 4)."""
+    from transformers import AutoModelForCausalLM
+
+    from mst_hf import get_hsa_state
+
+    path = _saved_with_sparse_attention(tmp_path / "model")
+    cfg = _cfg(hsa_pattern="local", hsa_window=8)
+    training = MSTTrainer(AutoModelForCausalLM.from_pretrained(path), _args(tmp_path / "a", max_steps=4),
+                          mst_config=cfg, train_dataset=toy_dataset())
+    assert (get_hsa_state(training.model)["active"], get_hsa_state(training.model)["window"]) == (False, 8)
+    later = MSTTrainer(AutoModelForCausalLM.from_pretrained(path), _args(tmp_path / "b", max_steps=4, logging_steps=1),
+                       mst_config=cfg, eval_dataset=toy_dataset(16, seed=1))
+    assert get_hsa_state(later.model)["active"]
+    later.train_dataset = toy_dataset()
+    later.train()
+    on = [h["mst/hsa"] for h in later.state.log_history if "loss" in h]
+    assert on == [float(schedule.hsa_active(s, 4, cfg)) for s in range(4)] == [0.0, 1.0, 1.0, 0.0]
+    assert (get_hsa_state(later.model)["active"], get_hsa_state(later.model)["window"]) == (False, 8)
+
+
+def test_load_best_model_at_end_saves_what_the_best_checkpoint_was_trained_with(tmp_path):
+    """The best evaluation (the higher loss, by request: step 4) falls in the HSA phase ([0, 4) of 8), the last step
+    is dense. The saved folder then describes step 4 (MST files, config.json's attention state, the card), so that
+    loading it as the card says reproduces the best checkpoint's logits."""
+    import json
+
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(ultra_sparsity=0.5, final_sparsity=0.5, warmup_ratio=0.0, restoration_ratio=0.5, update_interval=2,
+               hsa_pattern="local", hsa_window=4)
+    args = _args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                 load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = MSTTrainer(tiny_gpt2(), args, mst_config=cfg, train_dataset=toy_dataset(),
+                         eval_dataset=toy_dataset(16, seed=1))
+    trainer.train()
+    best = tmp_path / "checkpoint-4"
+    assert trainer.state.best_model_checkpoint == str(best)
+    trainer.save_model()
+    trainer.create_model_card()
+    saved = json.loads((tmp_path / "mst_config.json").read_text())
+    assert (saved["saved_at_step"], saved["hsa_active"], saved["trained_to_step"]) == (4, True, 8)
+    card = ModelCard.load(tmp_path / "README.md").text
+    assert "| Sparse attention pattern at save | on:" in card
+    assert "| Weights from | the best checkpoint, step 4" in card
+    ids = torch.stack([r["input_ids"] for r in toy_dataset(4, seed=2)])
+
+    def logits(path, **kw):
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(path, **kw)(input_ids=ids).logits
+
+    as_trained = logits(best, attn_implementation="mst_hsa")
+    assert torch.equal(logits(tmp_path, attn_implementation="mst_hsa"), as_trained)
+    assert not torch.allclose(logits(best), as_trained)  # the pattern matters here

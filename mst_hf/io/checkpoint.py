@@ -26,6 +26,7 @@ from safetensors import safe_open
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
+    CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -34,6 +35,7 @@ from transformers.utils import (
 )
 
 from .. import schedule
+from ..attention.interface import HSA_NAME, validate_hsa_state
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import check_shapes, unpack_mask
 from .attach import invalidate_flops
@@ -67,19 +69,47 @@ def saved_phase(step: int | None, total_steps: int | None, mst_config) -> dict:
     return info
 
 
+def weights_info(checkpoint: "MSTCheckpoint", trained_to_step: int | None) -> dict:
+    """The save information of a model whose weights and masks were loaded back from ``checkpoint``
+    (``load_best_model_at_end``) by a run that trained on to ``trained_to_step``: the checkpoint's step, run length,
+    phase and attention state (what the weights were trained with), plus ``trained_to_step``."""
+    info = {k: checkpoint.config.get(k) for k in ("saved_at_step", "total_steps", "saved_in_phase", "hsa_active")}
+    info["saved_at_step"] = checkpoint.state.get("saved_at_step", info["saved_at_step"])
+    return {**info, "trained_to_step": trained_to_step}
+
+
+def saved_attention(directory: str) -> dict | None:
+    """The attention state a saved model was trained with: ``mst_hsa`` of its ``config.json`` (validated), or
+    ``None`` when it has none."""
+    path = os.path.join(directory, CONFIG_NAME)
+    state = read_json(path).get(HSA_NAME) if os.path.isfile(path) else None
+    if state is None:
+        return None
+    try:
+        return validate_hsa_state(dict(state))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path!r}: `{HSA_NAME}` is invalid ({err}). Restore the file from the same save.") from None
+
+
 def save_mst_files(output_dir: str, controller, step: int | None = None, total_steps: int | None = None,
-                   metrics: dict | None = None, write: bool = True) -> None:
+                   metrics: dict | None = None, write: bool = True, weights_from=None) -> None:
     """Write ``mst_masks.safetensors``, ``mst_state.json`` and ``mst_config.json`` of ``controller`` into
     ``output_dir`` (``metrics``: latest logged values worth keeping, e.g. ``mst/flop_reduction``). With
-    FSDP2-sharded masks, call it on every rank (the full masks are gathered), with ``write`` true on one."""
+    FSDP2-sharded masks, call it on every rank (the full masks are gathered), with ``write`` true on one.
+    ``weights_from``: the checkpoint the model's weights and masks were loaded back from (``load_best_model_at_end``):
+    the files then describe it (its step, phase, attention state, FLOP totals and metrics; see :func:`weights_info`),
+    not the run's last step ``step``."""
     save_masks(controller.masks, output_dir, write=write)
     digest = controller.masks.digest()
     if not write:
         return
-    info = saved_phase(step, total_steps, controller.config)
-    state = controller.state_dict()
-    state.update(masks_digest=digest, saved_at_step=step, sparsity=controller.masks.sparsity(),
-                 metrics=dict(metrics or {}))
+    if weights_from is None:
+        info = saved_phase(step, total_steps, controller.config)
+        state = controller.state_dict()
+        state.update(saved_at_step=step, metrics=dict(metrics or {}))
+    else:
+        info, state = weights_info(weights_from, step), dict(weights_from.state)
+    state.update(masks_digest=digest, sparsity=controller.masks.sparsity())
     write_json(os.path.join(output_dir, STATE_NAME), state)
     data = controller.config.mst_dict()
     data.update(info)

@@ -23,9 +23,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..config import MST_CONFIG_NAME, MSTConfig
 from ..masks import MaskState, check_shapes
+from ..schedule import LR_SCHEDULES
 from ..targets import find_targets, has_peft_layers, unwrap_model
 from .attach import as_mask_dict
-from .checkpoint import read_saved_info, saved_phase
+from .checkpoint import read_saved_info, saved_phase, weights_info
 from .files import check_regular_file, write_json
 from .formats import (
     MASKS_NAME,
@@ -129,7 +130,8 @@ def load_sparse(path, model=None, *, allow_unverified: bool = False, **from_conf
 # ------------------------------------------------------------------------------------------------ model card
 def collect_metrics(log_history: list[dict] | None, controller=None) -> dict:
     """The latest ``mst/flop_reduction``, FLOP totals and ``eval_loss`` of a Trainer's log history (the controller's
-    FLOP meter, when it has one, wins for the FLOP values)."""
+    FLOP meter, when it has one, wins for the FLOP values). An incomplete FLOP count (steps closed with no batch
+    counted: a NaN reduction) gives ``mst/uncounted_steps`` instead of a reduction."""
     metrics = {}
     for entry in log_history or []:
         for key in ("mst/flop_reduction", "mst/total_flops", "mst/dense_total_flops", "eval_loss"):
@@ -139,14 +141,23 @@ def collect_metrics(log_history: list[dict] | None, controller=None) -> dict:
     if flops is not None and getattr(flops, "total_flops", 0):
         metrics.update({"mst/flop_reduction": float(flops.flop_reduction), "mst/total_flops": float(flops.total_flops),
                         "mst/dense_total_flops": float(flops.dense_total_flops)})
+    uncounted = getattr(flops, "uncounted_steps", 0)
+    if uncounted or not math.isfinite(metrics.get("mst/flop_reduction", 1.0)):
+        metrics.pop("mst/flop_reduction", None)
+        metrics["mst/uncounted_steps"] = uncounted
     return metrics
 
 
-def controller_card_info(controller, step: int | None, total_steps: int | None, metrics: dict | None = None) -> dict:
-    """The dict :func:`model_card_section` reads, from a live controller."""
+def controller_card_info(controller, step: int | None, total_steps: int | None, metrics: dict | None = None,
+                         weights_from=None) -> dict:
+    """The dict :func:`model_card_section` reads, from a live controller. ``weights_from``: the checkpoint whose
+    weights it holds (``load_best_model_at_end``): its step, phase, attention state and metrics, not ``step``'s."""
     info = controller.config.mst_dict() if isinstance(controller.config, MSTConfig) else {}
-    info.update(saved_phase(step, total_steps, controller.config))
-    info.update(sparsity=controller.masks.sparsity(), metrics=dict(metrics or {}))
+    if weights_from is not None:
+        info.update(weights_info(weights_from, step), metrics=dict(weights_from.state.get("metrics") or {}))
+    else:
+        info.update(saved_phase(step, total_steps, controller.config), metrics=dict(metrics or {}))
+    info.update(sparsity=controller.masks.sparsity())
     return info
 
 
@@ -206,6 +217,10 @@ def model_card_section(info: dict) -> str:
         of = f" of {total}" if total else ""
         phase = f" (phase: {_cell(str(info['saved_in_phase']))})" if info.get("saved_in_phase") else ""
         rows.append(("Saved after optimizer step", f"{step}{of}{phase}"))
+    trained_to = _card_number(info, "trained_to_step", integer=True, finite=True)
+    if trained_to is not None and trained_to != step:
+        rows.append(("Weights from", f"the best checkpoint, step {step} (`load_best_model_at_end`); training ran on "
+                     f"to step {trained_to}, and every row here describes the step the weights come from"))
     if info.get("hsa_active") is not None:
         rows.append(("Sparse attention pattern at save", "on: the model was trained with it up to this step; load it "
                      "with `attn_implementation=\"mst_hsa\"` (after `import mst_hf`) to evaluate it as trained"
@@ -213,11 +228,16 @@ def model_card_section(info: dict) -> str:
     if reduction is not None:
         rows.append(("Counted training FLOP reduction vs. dense",
                      f"{reduction:.3f}x (counted matmul FLOPs, not a measured time)"))
+    elif metrics.get("mst/uncounted_steps"):
+        missing = _card_number(metrics, "mst/uncounted_steps", integer=True, finite=True, where="metrics")
+        rows.append(("Counted training FLOP reduction vs. dense", f"not known: {missing} optimizer step(s) ran "
+                     "without their tokens counted"))
     if eval_loss is not None and math.isfinite(eval_loss):
         perplexity = math.exp(eval_loss) if eval_loss < 709.0 else math.inf  # exp overflows past ~709.78
         rows.append(("Perplexity (exp of eval loss)", f"{perplexity:.4g}"))
     fields = [k for k in sorted(info) if k in MSTConfig.__dataclass_fields__ and k != "model_type"
-              and k not in ("saved_at_step", "total_steps", "saved_in_phase", "hsa_active", "sparsity", "metrics")]
+              and k not in ("saved_at_step", "total_steps", "saved_in_phase", "hsa_active", "sparsity", "metrics",
+                            "trained_to_step")]
     lines = [
         CARD_START,
         "## Mixed Sparsity Training",
@@ -260,6 +280,9 @@ def write_model_card(directory: str, info: dict, title: str | None = None) -> st
     text = card.text
     if CARD_START in text and CARD_END in text:
         text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END):].lstrip("\n")
+    if info.get("lr_schedule") in LR_SCHEDULES:  # Trainer's hyperparameter list names the scheduler MST replaced
+        named = rf"- lr_scheduler_type: {info['lr_schedule']} (MSTConfig.lr_schedule, in place of the Trainer's \1)"
+        text = re.sub(r"^- lr_scheduler_type: ((?!.*MSTConfig\.lr_schedule).*)$", named, text, flags=re.M)
     card.text = text.rstrip("\n") + "\n\n" + model_card_section(info)
     card.save(path)
     return path

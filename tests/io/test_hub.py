@@ -211,3 +211,25 @@ def test_an_existing_card_with_unreadable_metadata_is_refused_naming_it(tmp_path
     (tmp_path / "README.md").write_text("---\ntags: 5\n---\n\n# model\n")
     with pytest.raises(ValueError, match=r"README\.md.*tags"):
         mst_hf.io.write_model_card(str(tmp_path), {"sparsity": 0.5})
+
+
+def test_card_of_an_incomplete_flop_count_says_so_instead_of_a_reduction():
+    """Steps closed with no batch counted leave the FLOP totals incomplete: the card and the saved metrics carry no
+    reduction (a NaN would print as `nanx`, and a partial count as a wrong one) but say how many steps are missing."""
+    import torch
+
+    from mst_hf import MSTController
+    from mst_hf.io.hub import collect_metrics, controller_card_info, model_card_section
+
+    model = tiny_gpt2()
+    ctl = MSTController(model, MSTConfig(hsa_pattern="dense"))
+    batch = {k: torch.stack([r[k] for r in toy_dataset(2)]) for k in ("input_ids", "labels")}
+    for step in range(3):
+        ctl.before_forward(step, 10, batch if step < 2 else None)
+        model(**batch).loss.backward()
+        ctl.after_backward(step, 10)
+    metrics = collect_metrics([{"mst/flop_reduction": float("nan"), "eval_loss": 3.0}], ctl)
+    assert "mst/flop_reduction" not in metrics and metrics["mst/uncounted_steps"] == 1
+    section = model_card_section(controller_card_info(ctl, 3, 10, metrics))
+    assert "| Counted training FLOP reduction vs. dense | not known: 1 optimizer step(s) ran without" in section
+    assert "nan" not in section.lower()
