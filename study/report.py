@@ -10,6 +10,7 @@ comes with the noise floor (:mod:`study.noise`: differences below it print as ``
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -27,20 +28,28 @@ def _load_rows(folder: str, spike_threshold: float = DEFAULT_THRESHOLD) -> list[
     rows = []
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and "-s" in name and name not in ("args.json", "study_plan.json"):
-            with open(os.path.join(folder, name)) as f:
-                row = json.load(f)
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    row = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Study record {path!r} is not complete JSON ({err}): the run was cut off while "
+                                 "writing it. Rerun that arm, or move the file out of the folder.") from None
             for key in ("reduction", "conventions_flops"):
                 row[key] = {RENAMED.get(k, k): v for k, v in row[key].items()}
             if not row.get("complete", True):  # stopped early: its last curve point stands in for the final loss
-                row["label"] += f" (stopped at step {row['steps']}/{row['planned_steps']})"
+                row["stopped"] = f"stopped at step {row['steps']}/{row['planned_steps']}"
                 row["final"] = {"val": row["curve"][-1]["val"], "heldout": row["curve"][-1]["heldout"]}
+                print(f"warning: {name} was {row['stopped']}; its last evaluation stands in for its final loss "
+                      "(marked in the tables).", file=sys.stderr)
             rows.append(record_spikes(row, spike_threshold))
     return rows
 
 
 def _val(r: dict) -> str:
     """A final validation loss, marked when the run had a loss spike."""
-    return f"{r['final']['val']:.4f}" + (" (unstable)" if r.get("unstable") else "")
+    return (f"{r['final']['val']:.4f}" + (" (unstable)" if r.get("unstable") else "")
+            + (f" ({r['stopped']})" if r.get("stopped") else ""))
 
 
 def _argv(folder: str) -> list[str] | None:

@@ -51,14 +51,22 @@ from .spikes import DEFAULT_THRESHOLD
 from .sweep import sweep_lrs
 
 
+def parse_seeds(flag: str, text: str) -> list[int]:
+    """Comma-separated non-negative integer seeds; a named error for an empty or malformed list."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or not all(t.isdigit() for t in items):
+        raise ValueError(f"`{flag}` takes comma-separated seeds such as 0,1; got {text!r}.")
+    return [int(t) for t in items]
+
+
 def tasks(args) -> list[tuple[str, str, dict, int]]:
     """Every (arm, seed) run, in order: ``--seeds`` for the ``--two_seed_arms``, the first seed for the others, and
     the seeds after ``@`` for an ``--arm`` spec that has them (e.g. ``--arm x=mst:ultra_sparsity=0.8@1``). In a
     sweep every run has one seed (the first of those), and a repeat ``LABEL#rep`` the first seed of ``LABEL``."""
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds("--seeds", args.seeds)
     arms = parse_arms(args)
     two = set(arms) if args.two_seed_arms == "all" else set(args.two_seed_arms.split(","))
-    explicit = {spec.partition("=")[0]: [int(x) for x in spec.partition("@")[2].split(",")]
+    explicit = {spec.partition("=")[0]: parse_seeds(f"--arm {spec}", spec.partition("@")[2])
                 for spec in args.arm if "@" in spec}
     sweeping = bool(sweep_lrs(args))
     todo = []

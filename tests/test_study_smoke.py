@@ -223,3 +223,42 @@ def test_frontier_picks_the_best_stable_dense_run_within_each_budget():
                                                                         (10e12, "dense")]
     assert table[0]["skipped_unstable"] == ["small_lr8"] and [s["label"] for s in table[0]["sparse"]] == ["mst"]
     assert table[0]["sparse"][0]["val"] == pytest.approx(4.5)  # the mean over seeds
+
+
+# --------------------------------------------------------------------------- bad inputs and cut-off records
+
+
+def test_a_stopped_reference_keeps_its_label_and_its_gaps(study_out, tmp_path):
+    import shutil
+
+    from study.report import study_report
+
+    out, runs = study_out
+    folder = tmp_path / "stopped"
+    shutil.copytree(out, folder)
+    record = dict(runs["static"], complete=False, planned_steps=runs["static"]["steps"] + 10)
+    (folder / "static-s0.json").write_text(json.dumps(record))
+    text = study_report(str(folder), str(tmp_path / "report"), reference="static", compare="dense")
+    mst_row = next(line for line in text.splitlines() if line.startswith("| mst | 0 |"))
+    assert "%" in mst_row and "stopped at step" in text
+
+
+def test_a_cut_off_record_is_refused_naming_the_file(study_out, tmp_path):
+    import shutil
+
+    from study.report import study_report
+
+    folder = tmp_path / "cut"
+    shutil.copytree(study_out[0], folder)
+    text = (folder / "mst-s0.json").read_text()
+    (folder / "mst-s0.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"mst-s0\.json.*not complete JSON"):
+        study_report(str(folder), str(tmp_path / "report"))
+
+
+@pytest.mark.parametrize("seeds", ["", "a,b", "0,,1", "-1"])
+def test_bad_seed_lists_are_named(seeds):
+    from study.run import tasks
+
+    with pytest.raises(ValueError, match="`--seeds` takes comma-separated seeds"):
+        tasks(_args(seeds=seeds))
