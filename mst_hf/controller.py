@@ -29,7 +29,7 @@ from . import allocation, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
 from .initial_masks import set_initial_masks
 from .masks import MaskState, mask_fingerprint
-from .targets import TargetWeight, require_targets, unwrap_model, warn_fused_experts
+from .targets import TargetWeight, check_fused_experts, require_targets, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -93,7 +93,7 @@ class MSTController:
         self.hsa_density = 1.0  # attended / causal pairs of the sparse layers at the last batch's length (1.0: dense)
         self.current_step: int | None = None  # the step whose forward ran last (what logs describe)
         self.flops = FlopMeter(model_flop_shapes(model, mst_config))  # training-FLOP totals (mst_hf.flops)
-        warn_fused_experts(model, self.flops.flop_model)  # MoE experts stay dense: say so, with their share
+        check_fused_experts(model, self.flops.flop_model, mst_config)  # MoE experts: refused unless excluded
         self.weight_kernels = None
         if mst_config.weight_kernels != "dense":  # before any weight is pruned: its checks may refuse the run
             from .weight_kernels import WeightKernels

@@ -236,21 +236,30 @@ def require_targets(model: nn.Module, mst_config) -> dict[str, TargetWeight]:
     return targets
 
 
-def warn_fused_experts(model: nn.Module, flop_model) -> None:
-    """Warn that the fused MoE expert tensors stay dense, naming them, with their share of the dense per-token
-    matmul FLOPs (``6 * token_numel`` each, out of ``6 * n_token_params``, read from ``flop_model``, the
-    :class:`mst_hf.flops.FlopModel` of `model`), so that a model reported as 80% sparse is not believed to cost
-    20%. The controller calls it when it is built."""
-    fused = sorted(set(fused_expert_parameters(model)))
-    if not fused or not flop_model.n_token_params:
+def check_fused_experts(model: nn.Module, flop_model, mst_config) -> None:
+    """Fused 3-D MoE expert tensors are not sparsified (MST targets nn.Linear/Conv1D only), and on a MoE model they
+    hold most of a token's matmul FLOPs (``6 * token_numel`` each, out of ``6 * n_token_params`` of ``flop_model``,
+    the model's :class:`mst_hf.flops.FlopModel`). So a MoE model is refused, naming them and their share, unless
+    `exclude_modules` names the experts' modules (e.g. ``["experts"]``): then they train dense, are counted dense at
+    their ``top_k``, and a warning repeats their share. The controller calls this when it is built."""
+    experts = [w for w in moe_weights(model) if not w.is_router]
+    if not experts or not flop_model.n_token_params:
         return
+    fused = sorted({w.name for w in experts})
     share = sum(m.token_numel for m in flop_model.matmuls if m.name in set(fused)) / flop_model.n_token_params
-    logger.warning(
-        "MST leaves the %d fused MoE expert weight(s) of this %s dense: %s. MST does not sparsify fused 3-D expert "
-        "weights yet (only nn.Linear/Conv1D); the router stays dense too. The experts a token is routed to are "
-        "%.1f%% of its dense matmul FLOPs: the FLOP count charges them dense, so the model's FLOP reduction stays "
-        "far below what its sparsity suggests.", len(fused), type(unwrap_model(model)).__name__,
-        ", ".join(fused[:4]) + (f" ... ({len(fused) - 4} more)" if len(fused) > 4 else ""), 100 * share)
+    listed = ", ".join(fused[:4]) + (f" ... ({len(fused) - 4} more)" if len(fused) > 4 else "")
+    name = type(unwrap_model(model)).__name__
+    exclude = mst_config.exclude_modules
+    if exclude is None or not all(_matches(w.module_name, exclude) for w in experts):
+        raise NotImplementedError(
+            f"MST cannot sparsify the fused MoE expert weights of this {name} ({listed}): they are 3-D tensors, not "
+            f"nn.Linear, and they are {100 * share:.1f}% of a token's dense matmul FLOPs, so the model would be far "
+            "less sparse than its reported sparsity says. To train it with the experts dense (counted dense at "
+            "their top_k) and the other projections sparse, exclude them: `exclude_modules=['experts']`."
+        )
+    logger.warning("MST leaves the %d fused MoE expert weight(s) of this %s dense (excluded): %s. They are %.1f%% "
+                   "of a token's dense matmul FLOPs and are charged dense, so the FLOP reduction stays far below "
+                   "what the sparsity of the other weights suggests.", len(fused), name, listed, 100 * share)
 
 
 def _refuse_head_only(model: nn.Module, found: dict, mst_config, model_type) -> None:

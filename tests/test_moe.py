@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig, TrainingArguments
 
 import mst_hf
-from mst_hf import MSTConfig, MSTTrainer
+from mst_hf import MSTConfig, MSTController, MSTTrainer
 from mst_hf.flops import dense_token_flops, model_flop_shapes
 from mst_hf.targets import find_targets, fused_expert_parameters
 
@@ -84,7 +84,7 @@ def test_trains_with_dense_experts_warns_and_round_trips_its_masks(make_config, 
                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                              disable_tqdm=True)
     cfg = MSTConfig(initial_sparsity=0.5, ultra_sparsity=0.8, final_sparsity=0.5, warmup_ratio=0.2,
-                    restoration_ratio=0.25, update_interval=2, hsa_pattern="dense")
+                    restoration_ratio=0.25, update_interval=2, hsa_pattern="dense", exclude_modules=["experts"])
     with caplog.at_level(logging.WARNING):
         trainer = MSTTrainer(model, args, mst_config=cfg, train_dataset=toy_dataset(16, seq_len=T))
     assert "fused MoE expert" in caplog.text and "model.layers.0.mlp.experts.gate_up_proj" in caplog.text
@@ -97,3 +97,9 @@ def test_trains_with_dense_experts_warns_and_round_trips_its_masks(make_config, 
     trainer.save_model(str(tmp_path / "saved"))
     fresh = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
     assert mst_hf.load_masks(fresh, str(tmp_path / "saved"), apply=False).digest() == masks.digest()
+
+
+@pytest.mark.parametrize("make_config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_experts_not_excluded_are_refused_naming_them_and_the_fix(make_config):
+    with pytest.raises(NotImplementedError, match=r"mlp\.experts\.(gate_up|down)_proj.*exclude_modules=\['experts'\]"):
+        MSTController(_build(make_config()), MSTConfig(hsa_pattern="dense"))
