@@ -81,7 +81,8 @@ class MSTTrainer(Trainer):
                 "(no loss scaling) or set `regrow_optimizer_state='zero'`."
             )
         saved_attention = _saved_sparse_attention(self.model) if self.train_dataset is None else None
-        self.mst = MSTController(self.model, mst_config)
+        # a trainer built only to evaluate (no training data) prunes nothing: the model is scored as it was loaded
+        self.mst = MSTController(self.model, mst_config, initialize_masks=self.train_dataset is not None)
         self.mst_config = self.mst.config  # the controller's (sparse attention switched off for a model without any)
         self._mst_runs = 0
         self._weights_from = None  # the checkpoint whose weights the model holds (load_best_model_at_end)

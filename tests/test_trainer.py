@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
@@ -289,3 +290,12 @@ def test_load_best_model_at_end_saves_what_the_best_checkpoint_was_trained_with(
     as_trained = logits(best, attn_implementation="mst_hsa")
     assert torch.equal(logits(tmp_path, attn_implementation="mst_hsa"), as_trained)
     assert not torch.allclose(logits(best), as_trained)  # the pattern matters here
+
+
+def test_a_trainer_built_only_to_evaluate_prunes_nothing(tmp_path):
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MSTTrainer(model, _args(tmp_path), mst_config=_cfg(initial_sparsity=0.5),
+                         eval_dataset=toy_dataset(8))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.evaluate()["eval_loss"] > 0
