@@ -30,6 +30,7 @@ from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
+from transformers.utils import logging
 
 from . import allocation, conventions, predict, schedule
 from .flops import FlopModel, dense_step_flops, dense_token_flops, model_flop_shapes, step_flops
@@ -213,6 +214,9 @@ def plan_run(model_or_config, mst_config, total_steps: int, tokens_per_step: int
     fm = _flop_model(model_or_config, mst_config)
     seq_len = seq_len if seq_len is not None else fm.max_seq_len
     _check_positive_int("seq_len", seq_len)
+    if fm.max_seq_len and seq_len > fm.max_seq_len:
+        logger.warning("Planning sequences of %d tokens for a model whose context is %d positions: the model cannot "
+                       "train at that length as configured; the plan counts it anyway.", seq_len, fm.max_seq_len)
     # the schedule reads config fields thousands of times: a plain snapshot is much faster than a PretrainedConfig
     cfg = SimpleNamespace(**mst_config.mst_dict()) if hasattr(mst_config, "mst_dict") else mst_config
     steps = total_steps
@@ -308,6 +312,8 @@ def load_mst_config(path: str):
         data = json.load(f)
     return MSTConfig(**saved_fields(data, path))
 
+
+logger = logging.get_logger(__name__)
 
 # What the study measured (docs/results.md), printed next to every counted reduction: a counted FLOP figure says
 # nothing about quality, and the study is the only quality evidence so far (one small scale).

@@ -199,3 +199,14 @@ def test_cli_prints_the_measured_quality_next_to_the_counted_reduction(capsys):
     main(["--model", "gpt2-tiny", "--steps", "100", "--tokens-per-step", "2048", "--seq-len", "128"])
     out = capsys.readouterr().out
     assert MEASURED_QUALITY in out and out.index("Counted FLOP reduction") < out.index(MEASURED_QUALITY)
+
+
+def test_a_sequence_beyond_the_models_context_is_planned_with_a_warning(caplog):
+    import logging
+
+    from mst_hf import MSTConfig
+    from mst_hf.plan import plan_run
+
+    with caplog.at_level(logging.WARNING):
+        plan_run("gpt2-tiny", MSTConfig.from_preset(), 10, 8192, 4096)
+    assert "context is 1024 positions" in caplog.text
