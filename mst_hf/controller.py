@@ -46,8 +46,7 @@ def _world_size() -> int:
 
 def _tokens(inputs) -> int:
     """Tokens of one micro-batch on this rank (0 when unknown)."""
-    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-    return int(ids.numel()) if ids is not None else 0
+    return int(getattr(inputs.get("input_ids") if hasattr(inputs, "get") else None, "numel", lambda: 0)())
 
 
 # Optimizers whose update of an element with zero gradient, zero state and zero weight is exactly +0.0 (decoupled or
@@ -256,9 +255,16 @@ class MSTController:
             return 1.0
         return self.hsa_spec.density(int(x.shape[1]))  # cached per length
 
+    @property
+    def weights_stay_dense(self) -> bool:
+        """No weight sparsity in any phase, no mask ever set or loaded (HSA alone): no weight work in any step."""
+        c = self.config
+        return self.masks.untouched and max(c.initial_sparsity, c.ultra_sparsity, c.final_sparsity) == 0
+
     def is_update_step(self, step: int, total_steps: int) -> bool:
         """Whether ``after_backward(step, ...)`` updates the topology (once per step, also across a resume)."""
-        return schedule.is_update_step(step, total_steps, self.config) and self.last_update_step != step
+        due = schedule.is_update_step(step, total_steps, self.config) and self.last_update_step != step
+        return due and not self.weights_stay_dense
 
     def after_backward(self, step: int, total_steps: int, optimizer=None) -> dict | None:
         """After the (accumulated, all-reduced) backward of the last micro-batch of ``step``: add the step's FLOPs
@@ -281,7 +287,8 @@ class MSTController:
             record = self.update_topology(step, total_steps, optimizer)
             if self.weight_kernels is not None:
                 self.weight_kernels.masks_changed()
-        self.masks.apply_to_grads()
+        if not self.weights_stay_dense:
+            self.masks.apply_to_grads()
         return record
 
     def after_optimizer_step(self, optimizer=None) -> None:
@@ -291,7 +298,7 @@ class MSTController:
         torch's AdamW, Adam and SGD see a zero gradient and zero state at every pruned position, and scale a zero
         weight to zero), nothing runs: the gradient masking of :meth:`after_backward` is the step's one masking
         pass. Otherwise (another optimizer, or none given) every pruned weight is set back to ``+0.0``."""
-        if optimizer is None or not keeps_pruned_zero(optimizer):
+        if not self.weights_stay_dense and (optimizer is None or not keeps_pruned_zero(optimizer)):
             self.masks.apply_to_weights()
 
     # ------------------------------------------------------------------ topology evolution

@@ -129,6 +129,7 @@ class MaskState:
         self.params = dict(params)
         self.layout = PlainLayout if layout is None else layout
         self._active: dict[str, int] = {}  # cached counts (a count is a host sync: only recount after a change)
+        self.untouched = masks is None  # every mask all-ones as built: nothing was ever set, loaded or pruned
         if masks is None:
             local = {n: self.layout.local(p) for n, p in self.params.items()}
             self.masks = {n: torch.ones_like(t, dtype=torch.bool) for n, t in local.items()}
@@ -146,6 +147,7 @@ class MaskState:
     def _store(self, name: str, full: torch.Tensor) -> None:
         """Keep this process's part of the full mask ``full`` of ``name``; a shard is counted now (it cannot count
         the full mask later without communication), a whole mask when first asked."""
+        self.untouched = False
         self.masks[name] = self.layout.local_mask(full, self.params[name])
         if self.masks[name] is full:
             self._active.pop(name, None)

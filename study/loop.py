@@ -175,7 +175,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
     total_sched = steps - delay
     eval_steps = set(np.linspace(0, steps, args.evals + 1).round().astype(int).tolist()[1:])
     n_active_sum = 0
-    curve = [{"step": 0, "tokens": 0, "flops": 0.0,
+    curve = [{"step": 0, "tokens": 0, "flops": 0.0, "train_s": 0.0,
               **{s: evaluate(model, b, args.eval_batch, autocast) for s, b in curve_sets.items()}}]
     train_time, t_prev, losses = 0.0, time.time(), []
     non_target = fm.n_params - (sum(m.numel() for m in ctl.masks.masks.values()) if ctl is not None else 0)
@@ -208,7 +208,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
             "final": final, "curve": curve, "train_loss": losses,
             "final_sparsity": ctl.masks.sparsity() if ctl is not None else 0.0,
             "topology_updates": len(ctl.history) if ctl is not None else 0,
-            "wall_train_s": train_time, "wall_total_s": time.time() - t_start,
+            "wall_train_s": train_time, "wall_total_s": time.time() - t_start, "jobs": getattr(args, "jobs", None),
             "hardware": describe_hardware(), "versions": package_versions(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
@@ -232,7 +232,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ctl is not None:
-            ctl.after_optimizer_step()
+            ctl.after_optimizer_step(opt)
         sched.step()
         if (step + 1) % max(1, steps // 50) == 0:
             losses.append((step + 1, float(loss.detach())))
@@ -241,7 +241,7 @@ def run_arm(label: str, base: str, overrides: dict, seed: int, args, study: Stud
                 torch.cuda.synchronize()
             train_time += time.time() - t_prev
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch * args.seq_len,
-                          "flops": float(meter.total_flops),
+                          "flops": float(meter.total_flops), "train_s": train_time,
                           **{k: evaluate(model, b, args.eval_batch, autocast) for k, b in curve_sets.items()}})
             print(f"[{label} s{seed}] step {step + 1}/{steps} val {curve[-1]['val']:.4f} heldout "
                   f"{curve[-1]['heldout']:.4f} ({train_time:.0f}s)", flush=True)

@@ -5,7 +5,8 @@ by :mod:`study.pricing`); records written before the conventions took the librar
 names (``tiles`` -> ``attention_tiles``, ``dense_head`` -> ``dense_lm_head``) with the values they hold. Every table
 comes with the noise floor (:mod:`study.noise`: differences below it print as ``~``); unstable runs
 (:mod:`study.spikes`) are marked ``(unstable)``; a sweep adds its arm x LR table and confirm command
-(:mod:`study.sweep`), ``frontier=True`` the dense frontier (:mod:`study.frontier`).
+(:mod:`study.sweep`), ``frontier=True`` the dense frontier (:mod:`study.frontier`); runs that carry training seconds
+add the wall-clock table and ``study_time.png`` (:mod:`study.timing`).
 """
 
 import json
@@ -20,6 +21,7 @@ from .frontier import DEFAULT_TOLERANCE, flops_to_reach, frontier_lines
 from .noise import arm_name, diff_text, floor_line, noise_floor, noise_sources, noise_table
 from .spikes import DEFAULT_THRESHOLD, record_spikes
 from .sweep import is_sweep_command, sweep_lines
+from .timing import plot_time, timing_lines
 
 RENAMED = {"tiles": "attention_tiles", "dense_head": "dense_lm_head"}  # names of records before the library's
 
@@ -172,6 +174,7 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
     sweep = sweep_lines(rows, floor, next((a for a in map(_argv, folders) if is_sweep_command(a)), None))
     lines += sweep + (["", under] if sweep else [])
     lines += (frontier_lines(rows, floor, tolerance) + ["", under]) if frontier else []
+    lines += timing_lines(rows, reference, floor)
     lines += noise_table(sources, floor, noise_arms)
     unstable = [r for r in rows + reruns if r.get("unstable")]
     if unstable:
@@ -190,6 +193,7 @@ def study_report(folder: str, out: str | None = None, reference: str = "dense", 
         f.write(text)
     try:
         _plot(rows, os.path.join(folder, "study.png"), dense_curve_final)
+        plot_time(rows, os.path.join(folder, "study_time.png"), dense_curve_final)
     except ImportError:
         print("matplotlib is not installed: no plot (run `python -m study --report FOLDER` elsewhere).")
     print(text)

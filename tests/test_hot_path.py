@@ -162,3 +162,34 @@ def test_trainer_hands_its_optimizer_to_the_controller(tmp_path, monkeypatch):
                              report_to=[], save_strategy="no", disable_tqdm=True)
     MSTTrainer(tiny_gpt2(), args, mst_config=_cfg(hsa_pattern="dense"), train_dataset=toy_dataset(12, 16)).train()
     assert len(seen) == 3 and all(keeps_pruned_zero(o) for o in seen)
+
+
+def _dense_weights_cfg(**kw):
+    return _cfg(initial_sparsity=0.0, ultra_sparsity=0.0, final_sparsity=0.0, update_interval=2, **kw)
+
+
+def test_hsa_alone_does_no_weight_work(monkeypatch):
+    model = tiny_gpt2()
+    ctl = MSTController(model, _dense_weights_cfg())
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)  # not zero-keeping: would be re-masked per step
+    passes = []
+    original = MaskState._keep_active
+    monkeypatch.setattr(MaskState, "_keep_active", lambda self, t, m: (passes.append(1), original(self, t, m)))
+    for step in range(6):
+        _step(model, ctl, optimizer, step)
+    assert ctl.weights_stay_dense and ctl.hsa_on
+    assert passes == [] and ctl.history == [] and ctl.last_update_step is None
+    assert ctl.masks.sparsity() == 0.0
+
+
+def test_loaded_sparse_masks_are_kept_although_the_schedule_is_dense():
+    model = tiny_gpt2()
+    sparse = MSTController(tiny_gpt2(), _cfg(hsa_pattern="dense"))  # 80% masks to load
+    ctl = MSTController(model, _dense_weights_cfg(hsa_pattern="dense"))
+    ctl.masks.load_state_dict(sparse.masks.state_dict())
+    assert not ctl.weights_stay_dense
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    _step(model, ctl, optimizer, 1)  # not an update step: the loaded masks hold, pruned weights stay zero
+    for name, t in ctl.targets.items():
+        assert not t.param.detach()[~ctl.masks.masks[name]].any(), name
+    assert ctl.masks.sparsity() > 0.5

@@ -20,9 +20,10 @@ def study_out(tmp_path_factory):
     from study.run import main
 
     main(["--smoke", "--arms", "dense,mst,static", "--steps", "20", "--seeds", "0", "--out", out,
-          "--arm", "dense2=dense:lr=4e-3:passes=2", "--arm", "restart=mst:regrow_optimizer_state=restart"])
+          "--arm", "dense2=dense:lr=4e-3:passes=2", "--arm", "restart=mst:regrow_optimizer_state=restart",
+          "--arm", "hsaonly=mst:initial_sparsity=0:ultra_sparsity=0:final_sparsity=0"])
     runs = {}
-    for name in ("dense-s0", "mst-s0", "static-s0", "dense2-s0", "restart-s0"):
+    for name in ("dense-s0", "mst-s0", "static-s0", "dense2-s0", "restart-s0", "hsaonly-s0"):
         with open(os.path.join(out, f"{name}.json")) as f:
             runs[name.split("-")[0]] = json.load(f)
     return out, runs
@@ -67,7 +68,8 @@ def test_static_keeps_its_density_and_outputs_exist(study_out):
     assert abs((1 - runs["static"]["final_sparsity"]) - plan["mst_mean_density"]) < 0.01
     assert runs["static"]["topology_updates"] == 1
     text = open(os.path.join(out, "study.md")).read()
-    assert text.count("| dense | 0 |") == 2 and "| mst | 0 |" in text and "| static | 0 |" in text
+    # the arms table, the per-arm table and the wall-clock table
+    assert text.count("| dense | 0 |") == 3 and "| mst | 0 |" in text and "| static | 0 |" in text
     assert os.path.getsize(os.path.join(out, "study.png")) > 10_000
 
 
@@ -99,6 +101,19 @@ def test_restart_arm_trains_with_elementwise_adamw(study_out):
     _, runs = study_out
     r = runs["restart"]
     assert r["mst_config"]["regrow_optimizer_state"] == "restart" and r["complete"] and r["topology_updates"] > 1
+
+
+def test_hsa_alone_keeps_dense_weights_and_every_curve_point_has_its_training_seconds(study_out):
+    out, runs = study_out
+    r = runs["hsaonly"]
+    assert r["final_sparsity"] == 0.0 and r["topology_updates"] == 0 and r["complete"]
+    assert r["reduction"]["headline"] > 1.0  # the sparse attention is counted
+    for run in runs.values():
+        seconds = [c["train_s"] for c in run["curve"]]
+        assert seconds[0] == 0.0 and all(b >= a for a, b in zip(seconds, seconds[1:]))
+        assert seconds[-1] == pytest.approx(run["wall_train_s"])
+    with open(os.path.join(out, "study.md")) as f:
+        assert "Wall-clock time, each run alone on the GPU" in f.read()
 
 
 def test_training_order_keeps_one_pass_and_reshuffles_the_same_blocks():
