@@ -18,6 +18,7 @@ from .sweep import sweep_label, sweep_lrs
 RUNGS = {
     "S": dict(n_layer=4, n_embd=192, n_head=3),
     "M": dict(n_layer=6, n_embd=256, n_head=4),
+    "L": dict(n_layer=8, n_embd=512, n_head=8),  # 25.2M non-embedding parameters (12 L d^2)
     "tiny": dict(n_layer=2, n_embd=32, n_head=2),  # --smoke
 }
 BASE_ARMS = ("dense", "mst", "rigl", "static", "gmp", "gmp_matched", "small_dense")
