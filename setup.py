@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["mst_hf", "mst_hf.*"]),
-    package_data={"mst_hf": ["data/*", "data/*/*", "metrics/*", "metrics/*/*", "kernels/*.json"]},
+    package_data={"mst_hf": ["data/*", "data/*/*", "metrics/*", "metrics/*/*", "kernels/*.json", "attention/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     # What `import mst_hf` imports; everything else is imported where it is used and comes with an extra.

@@ -1,6 +1,10 @@
 """Forward + backward time of each HSA pattern and kernel against SDPA causal attention, on one CUDA GPU.
 
-    PYTHONPATH=. python bench/attention.py --out docs/attention_benchmark_table.md
+    PYTHONPATH=. python bench/attention.py --out docs/attention_benchmark_table.md [--json times.json]
+
+``--json PATH`` also writes the ``auto`` rows as the planner's attention time table (the format of
+``mst_hf/attention/times.json``, through `mst_hf.attention.timing.parse_benchmark`); an existing file keeps its
+other GPUs. ``python -m mst_hf.plan --gpu NAME --attention-table PATH`` then predicts attention time on this GPU.
 
 For each sequence length T the batch is ``tokens // T`` (about 32k tokens per step), H=12 heads of D=64 (GPT-2
 small), bf16. Each cell is the median of `triton.testing.do_bench` over ``torch.autograd.grad(out, (q, k, v), g)``,
@@ -131,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--patterns", nargs="+", default=["local", "strided", "local_strided", "fixed", "dense"])
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; each cell keeps its best")
+    parser.add_argument("--json", default=None, help="also write the auto rows as an attention time table here "
+                        "(the format of mst_hf/attention/times.json; other GPUs in an existing file are kept)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
@@ -160,7 +166,28 @@ def main(argv=None):
     for T in args.lengths:
         bench_length(T, args, emit)
         torch.cuda.empty_cache()
+    if args.json:
+        write_json(args.out, args.json)
     return 0
+
+
+def write_json(markdown_path, json_path):
+    """The auto rows of the Markdown just written, as this GPU's entry of an attention time table at `json_path`."""
+    import json
+    import os
+
+    from mst_hf.attention.timing import dump_times, parse_benchmark
+
+    with open(markdown_path, encoding="utf-8") as f:
+        gpu, entry = parse_benchmark(f.read(), markdown_path)
+    devices = {}
+    if os.path.isfile(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            devices = json.load(f)["devices"]
+    devices[gpu] = entry
+    with open(json_path, "w", encoding="utf-8") as f:
+        f.write(dump_times(devices))
+    print(f"attention time table for {gpu} written to {json_path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ Command line (GPT-2 124M on the meta device, no weights)::
     python -m mst_hf.plan --preset gpt2-4x --steps 100000 --plot plan.png
 
 prints a per-phase Markdown table and, as its last line, one JSON object with ``flop_reduction``,
-``mst_total_flops`` and ``dense_total_flops``. ``--gpu "NVIDIA H200"`` adds the predicted weight-matmul time per
-phase on that GPU (:mod:`mst_hf.predict`; a ``predicted_time`` key in the JSON).
+``mst_total_flops`` and ``dense_total_flops``. ``--gpu "NVIDIA H200"`` adds the predicted weight-matmul and
+attention time per phase on that GPU (:mod:`mst_hf.predict`; a ``predicted_time`` key in the JSON).
 """
 
 import argparse

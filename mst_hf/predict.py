@@ -1,4 +1,4 @@
-"""Predicted weight-matmul time of a planned run on one GPU, from the kernels' measured per-layer table.
+"""Predicted weight-matmul and attention time of a planned run on one GPU, from measured tables.
 
 :func:`predict_times` takes a :class:`~mst_hf.plan.Plan` and walks its steps as the controller's
 :class:`~mst_hf.weight_kernels.WeightKernels` would: a topology-update step runs every layer dense; any other step
@@ -11,8 +11,10 @@ linearly in density (below the smallest measured density: the time measured ther
 prediction). CUDA-graph GPU times (``graph_*``) are used when every row has them, eager times otherwise. Times
 scale linearly from the measured tokens and shape to the layer's size and the tokens one GPU sees in one step.
 
-Only matmul time is predicted (every ``nn.Linear``/``Conv1D``, targeted or not); attention, norms, the loss and
-the optimizer are not, so the whole-step speed-up is smaller (``other_ms`` gives an Amdahl estimate).
+Matmul time covers every ``nn.Linear``/``Conv1D``, targeted or not. Given the model's config, attention time is
+predicted too, from a separate measured table (:func:`mst_hf.attention.timing.plan_attention`: the sparse pattern
+in the phases where HSA is on, SDPA causal elsewhere and in the dense baseline). Norms, the loss and the optimizer
+are not, so the whole-step speed-up differs (``other_ms`` gives an Amdahl estimate of the matmuls).
 """
 
 import math
@@ -22,10 +24,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import allocation, schedule
+from .attention.timing import plan_attention
 from .topology import active_tiles
 
-NOTE = ("Matmul time only (every Linear/Conv1D, forward and backward): attention, norms, the loss and the optimizer "
-        "are not predicted; the rest of the step is unchanged, so the whole-step speed-up is smaller.")
+NOTE = ("Matmul time (every Linear/Conv1D) and attention time (the attention kernels), forward and backward: norms, "
+        "the loss and the optimizer are not predicted, so the whole-step speed-up differs.")
 _FACTOR = math.log(4)  # as mst_hf.kernels.break_even_density: nothing measured within a factor 4 -> no guess
 
 
@@ -42,6 +45,13 @@ class PhaseTime:
     dense_ms: float | None
     always_dense: bool  # no layer on the block kernel in any step: the same kernels as dense, 1.00x
     other_ms: float | None = None
+    attention_mst_ms: float | None = None  # fwd+bwd attention ms per step, all layers (None: no measurement)
+    attention_dense_ms: float | None = None  # the same with SDPA causal in every layer
+
+    @property
+    def attention_speedup(self) -> float | None:
+        a, d = self.attention_mst_ms, self.attention_dense_ms
+        return d / a if a and d is not None else None
 
     @property
     def speedup(self) -> float | None:
@@ -64,7 +74,9 @@ class PhaseTime:
                "dense_matmul_ms_per_step": self.dense_ms, "matmul_speedup": self.speedup,
                "flop_reduction": self.flop_reduction,
                "mst_matmul_s": None if self.mst_ms is None else self.mst_ms * self.steps / 1e3,
-               "dense_matmul_s": None if self.dense_ms is None else self.dense_ms * self.steps / 1e3}
+               "dense_matmul_s": None if self.dense_ms is None else self.dense_ms * self.steps / 1e3,
+               "mst_attention_ms_per_step": self.attention_mst_ms,
+               "dense_attention_ms_per_step": self.attention_dense_ms, "attention_speedup": self.attention_speedup}
         if self.other_ms is not None:
             out["whole_step_speedup"] = self.whole_step_speedup
         return out
@@ -85,9 +97,11 @@ class TimePrediction:
     not_predicted: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     other_ms: float | None = None
+    attention: str | None = None  # where the attention times come from (None: not predicted)
 
     def summary(self) -> dict:
         return {"gpu": self.gpu, "table": self.table, "timing": self.timing, "kernels": self.kernels,
+                "attention": self.attention,
                 "tokens_per_gpu_step": self.tokens_per_gpu_step, "micro_batch_tokens": self.micro_batch_tokens,
                 "other_ms": self.other_ms, "phases": [p.summary() for p in self.phases],
                 "total": self.total.summary(), "not_predicted": self.not_predicted, "notes": [NOTE, *self.notes]}
@@ -95,9 +109,10 @@ class TimePrediction:
     def markdown(self) -> str:
         source = {"graph": "from per-layer measurements, CUDA-graph GPU time", "eager": "from per-layer "
                   "measurements, eager wall time", None: "no measurement for this GPU"}[self.timing]
-        lines = [f"## Predicted weight-matmul time on {self.gpu} ({source}; not a measured run)", ""]
+        lines = [f"## Predicted weight-matmul and attention time on {self.gpu} ({source}; not a measured run)", ""]
         head = ("| phase | steps | update steps (dense) | layers on block kernel | MST matmul ms/step | dense matmul "
-                "ms/step | matmul speed-up | counted FLOP reduction | MST matmul time | dense matmul time |")
+                "ms/step | matmul speed-up | counted FLOP reduction | MST matmul time | dense matmul time "
+                "| MST attention ms/step | dense attention ms/step | attention speed-up |")
         if self.other_ms is not None:
             head += f" whole step, other {self.other_ms:g} ms |"
         lines += [head, "|" + "---|" * head.count(" |")]
@@ -105,11 +120,13 @@ class TimePrediction:
             name = "**total**" if p is self.total else p.name
             row = (f"| {name} | {p.steps} | {p.update_steps} | {p.block_share:.1%} | {_ms(p.mst_ms)} | "
                    f"{_ms(p.dense_ms)} | {_x(p.speedup)} | {p.flop_reduction:.3f}x | {_span(p.mst_ms, p.steps)} | "
-                   f"{_span(p.dense_ms, p.steps)} |")
+                   f"{_span(p.dense_ms, p.steps)} | {_ms(p.attention_mst_ms)} | {_ms(p.attention_dense_ms)} | "
+                   f"{_x(p.attention_speedup)} |")
             if self.other_ms is not None:
                 row += f" {_x(p.whole_step_speedup)} |"
             lines.append(row)
-        lines += ["", NOTE, f"Kernels: {self.kernels}"]
+        lines += ["", NOTE, f"Kernels: {self.kernels}",
+                  f"Attention: {self.attention or 'no measurement (no model config given)'}."]
         lines += self.notes
         for item in self.not_predicted:
             lines.append(f"Not predicted (left out of both sums): {item['layers']} layer(s) of {item['n_in']}x"
@@ -199,14 +216,18 @@ def _kernel_sentence(cfg) -> str:
 
 def predict_times(plan, mst_config, device_name: str, table_path: str | None = None, gpus: int = 1,
                   micro_batch_tokens: int | None = None, layout: str | None = None,
-                  other_ms: float | None = None) -> TimePrediction:
-    """Predict the weight-matmul time per step and per phase of ``plan`` on ``device_name`` (see the module doc).
+                  other_ms: float | None = None, model_config=None,
+                  attention_table: str | None = None) -> TimePrediction:
+    """Predict the weight-matmul (and attention) time per step and per phase of ``plan`` on ``device_name`` (see
+    the module doc).
 
     ``gpus``: data-parallel GPUs sharing ``plan.tokens_per_step``; ``micro_batch_tokens``: tokens of one forward on
     one GPU, what the kernel choice sees (default: a GPU's share of the step, no accumulation); ``layout``:
     ``"conv1d"`` or ``"linear"`` (which measured rows to prefer); ``other_ms``: the non-matmul ms of one step on
     one GPU, for a whole-step estimate. ``table_path``: a break-even JSON (default: ``$MST_KERNEL_TABLE``, else
-    the shipped table).
+    the shipped table). ``model_config``: the model's transformers config (heads, head_dim, attention dropout), for
+    the attention time from ``attention_table`` (default: the shipped ``mst_hf/attention/times.json``); without
+    it attention is not predicted.
     """
     from .kernels.dispatch import choose_kernel, load_table, normalize_device_name
     from .kernels.dispatch import table_path as default_table_path
@@ -324,8 +345,14 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
 
     phases = [phase(p.name, p.start, p.end, p.flop_reduction) for p in plan.phases]
     total = phase("total", 0, steps, plan.flop_reduction)
+    attention = None
+    if model_config is not None:
+        att = plan_attention(plan, cfg, device_name, tokens, model_config, attention_table)
+        for p, (mst_att, dense_att) in zip([*phases, total], [*att.phases, att.total]):
+            p.attention_mst_ms, p.attention_dense_ms = mst_att, dense_att
+        attention, notes = att.source, notes + att.notes
     return TimePrediction(device_name, path, timing if dense_step is not None else None, _kernel_sentence(cfg),
-                          tokens, micro, phases, total, not_predicted, notes, other_ms)
+                          tokens, micro, phases, total, not_predicted, notes, other_ms, attention)
 
 
 # --------------------------------------------------------------------------- command line (used by mst_hf.plan)
@@ -333,10 +360,12 @@ def predict_times(plan, mst_config, device_name: str, table_path: str | None = N
 
 def add_arguments(parser) -> None:
     """The ``--gpu`` flags of ``python -m mst_hf.plan``."""
-    g = parser.add_argument_group("predicted matmul time (from the kernels' measured table)")
-    g.add_argument("--gpu", default=None, help="predict weight-matmul time per phase on this GPU, as named in the "
-                   "kernel table (torch.cuda.get_device_name(), e.g. 'NVIDIA H200')")
+    g = parser.add_argument_group("predicted matmul and attention time (from measured tables)")
+    g.add_argument("--gpu", default=None, help="predict weight-matmul and attention time per phase on this GPU, as "
+                   "named in the tables (torch.cuda.get_device_name(), e.g. 'NVIDIA H200')")
     g.add_argument("--kernel-table", default=None, help="a break-even JSON (default: mst_hf/kernels/breakeven.json)")
+    g.add_argument("--attention-table", default=None, help="an attention time JSON (default: "
+                   "mst_hf/attention/times.json; `bench/attention.py --json` writes one)")
     g.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs sharing --tokens-per-step (default 1)")
     g.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="tokens of one forward on one GPU (default: a GPU's share of the step)")
@@ -346,4 +375,4 @@ def add_arguments(parser) -> None:
 
 def cli_prediction(args, plan, mst_config, model) -> TimePrediction:
     return predict_times(plan, mst_config, args.gpu, args.kernel_table, args.gpus, args.micro_batch_tokens,
-                         weight_layout(model), args.other_ms)
+                         weight_layout(model), args.other_ms, model.config, args.attention_table)

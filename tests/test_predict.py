@@ -60,7 +60,7 @@ def test_interpolated_block_time_and_dense_update_steps(tmp_path):
     assert ultra.mst_ms == pytest.approx(0.5) and ultra.dense_ms == pytest.approx(1.0)
     assert ultra.speedup == pytest.approx(2.0) and ultra.block_share == pytest.approx(0.8)
     assert ultra.whole_step_speedup == pytest.approx(2.0 / 1.5)  # (1 + 1) / (0.5 + 1)
-    assert "matmul time only" in pred.markdown().lower()
+    assert "norms, the loss and the optimizer are not predicted" in pred.markdown()
 
 
 def test_tokens_and_gpus_scale_linearly(tmp_path):
@@ -146,7 +146,7 @@ def test_cli_gpu_prints_the_table_and_adds_predicted_time(tmp_path, capsys):
     main(args + ["--gpu", GPU, "--kernel-table", table])
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    assert any(line.startswith("## Predicted weight-matmul time on") for line in out)
+    assert any(line.startswith("## Predicted weight-matmul and attention time on") for line in out)
     assert summary["predicted_time"]["timing"] == "eager" and summary["predicted_time"]["total"]["matmul_speedup"] > 1
     main(args + ["--json"])
     assert "predicted_time" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
