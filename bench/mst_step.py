@@ -16,6 +16,12 @@ MST side by side. ``--compile`` runs both with ``TrainingArguments(torch_compile
 ``weight_kernels="block"`` against dense `Trainer`. ``--mode run``: the default three-phase schedule with block
 masks and ``weight_kernels="auto"`` (the break-even table of ``bench/blocksparse_linear.py``), wall time of the
 whole run against dense, next to the counted FLOP reduction. Synthetic tokens (speed does not depend on them).
+
+``--optimizer_state active`` trains the MST arm with AdamW moments of the active tiles only
+(``MSTConfig(optimizer_state="active")``, ``mst_hf.optim_active``); the table's peak memory and the optimizer-state
+bytes of each arm then show what it saves:
+
+    PYTHONPATH=. python bench/mst_step.py --model llama-1b --optimizer_state active --out $OUT/mst_step_active.md
 """
 
 import argparse
@@ -27,6 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCall
 
 from mst_hf import MSTConfig, MSTTrainer
 from mst_hf.model_sizes import model_config
+from mst_hf.optim_active import optimizer_state_bytes
 
 # name -> config maker of the sequence length; sizes from mst_hf.model_sizes, "tiny" only here
 MODELS = {
@@ -186,10 +193,12 @@ def run(kind: str, args) -> dict:
         if args.mode == "ultra":
             cfg = MSTConfig(initial_sparsity=args.sparsity, ultra_sparsity=args.sparsity, final_sparsity=args.sparsity,
                             warmup_ratio=0.0, restoration_ratio=0.0, update_interval=10**6, hsa_pattern="dense",
-                            sparsity_structure="block", block_size=args.block, weight_kernels="block")
+                            sparsity_structure="block", block_size=args.block, weight_kernels="block",
+                            optimizer_state=args.optimizer_state)
         else:
             cfg = MSTConfig(sparsity_structure="block", block_size=args.block, weight_kernels="auto",
-                            hsa_pattern="dense", update_interval=max(args.steps // 10, 1))
+                            hsa_pattern="dense", update_interval=max(args.steps // 10, 1),
+                            optimizer_state=args.optimizer_state)
         trainer = MSTTrainer(model, targs, mst_config=cfg, train_dataset=data, callbacks=[*callbacks, trace])
         trace.trainer = trainer
     t_start = time.perf_counter()
@@ -198,7 +207,7 @@ def run(kind: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     result = {"kind": kind, "timed_s": timer.t1 - timer.t0, "timed_steps": end - args.skip,
               "wall_s": time.perf_counter() - t_start, "peak_gib": peak,
-              "loss": out.training_loss}
+              "optimizer_state_gib": optimizer_state_bytes(trainer.optimizer) / 2**30, "loss": out.training_loss}
     if prof is not None and prof.summary is not None:
         result["profile"] = prof.summary
     if kind == "mst":
@@ -229,6 +238,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after --skip (0: off)")
     p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True) for both runs")
+    p.add_argument("--optimizer_state", default="dense", choices=["dense", "active"],
+                   help="MST arm's AdamW moments: dense (every weight) or active (active tiles only)")
     p.add_argument("--out", default="mst_step.md")
     args = p.parse_args()
     if args.mode == "run":
@@ -250,12 +261,14 @@ def main():
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_device()}, torch "
              f"{torch.__version__}", "",
              "| repeat | dense s/step | MST s/step | speed-up (dense time / MST time) | dense peak GiB | MST peak GiB "
-             "| counted FLOP reduction |", "|---|---|---|---|---|---|---|"]
+             "| dense optimizer state GiB | MST optimizer state GiB | counted FLOP reduction |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in range(args.repeats):
         d = next(x for x in rows if x["repeat"] == r and x["kind"] == "dense")
         m = next(x for x in rows if x["repeat"] == r and x["kind"] == "mst")
         lines.append(f"| {r} | {d['timed_s'] / d['timed_steps']:.4f} | {m['timed_s'] / m['timed_steps']:.4f} | "
                      f"{d['timed_s'] / m['timed_s']:.3f} | {d['peak_gib']:.1f} | {m['peak_gib']:.1f} | "
+                     f"{d['optimizer_state_gib']:.2f} | {m['optimizer_state_gib']:.2f} | "
                      f"{m.get('flop_reduction') or float('nan'):.3f} |")
     m = next(x for x in rows if x["kind"] == "mst")
     choice = m.get("kernel_choice", {})

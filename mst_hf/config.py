@@ -54,6 +54,7 @@ class MSTConfig(PretrainedConfig):
         weight_kernels: ``"dense"`` (masked dense matmuls), ``"auto"`` (the block kernel for each block-structured
             layer where the measured break-even table says it is faster; dense on topology-update steps) or
             ``"block"`` (the block kernel wherever the tile side divides the shape).
+        optimizer_state: ``"dense"`` (AdamW moments of every weight) or ``"active"`` (of active tiles only).
         target_modules / exclude_modules: module-name suffixes (list) or a full-match regex (str); ``None`` uses the
             per-``model_type`` default table in ``mst_hf.targets``.
         sparsify_lm_head: include the LM head (the shared matrix when tied to the token embedding).
@@ -121,6 +122,9 @@ class MSTConfig(PretrainedConfig):
         default="dense",
         metadata={"help": "Matmul kernels of block-sparse layers: dense (masked dense), auto (block kernel where a "
                   "measured table says it is faster) or block (always)."},
+    )
+    optimizer_state: str = field(
+        default="dense", metadata={"help": "AdamW moments kept for: dense (every weight) or active (active tiles)."}
     )
     target_modules: list | str | None = field(
         default=None, metadata={"help": "Module-name suffixes or a regex to sparsify (None: per model type)."}
@@ -298,8 +302,7 @@ class MSTConfig(PretrainedConfig):
                 )
 
     def _validate_hsa(self) -> None:
-        """`hsa_phases` here (a schedule matter); every other ``hsa_*`` field through `HSASpec`, the one validator
-        of HSA settings (its errors name the ``hsa_*`` field)."""
+        """`hsa_phases` here (a schedule matter); every other ``hsa_*`` field through `HSASpec`, the one validator."""
         bad = [p for p in self.hsa_phases if p not in schedule.PHASES]
         if bad:
             raise ValueError(f"`hsa_phases` may only hold {schedule.PHASES}, got {self.hsa_phases!r}.")
@@ -313,8 +316,7 @@ class MSTConfig(PretrainedConfig):
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "MSTConfig":
-        """A named recipe (see ``PRESETS``; by default ``DEFAULT_PRESET``, the study's best), with any field
-        overridden by keyword."""
+        """A named recipe of ``PRESETS`` (by default ``DEFAULT_PRESET``, the study's best), fields overridable."""
         return cls(**preset_fields(name, overrides))
 
     # ------------------------------------------------------------------ (de)serialisation under mst_config.json
@@ -367,13 +369,11 @@ class MSTConfig(PretrainedConfig):
         return {k: v for k, v in data.items() if k not in _MST_FIELDS and k != "model_type"}
 
 
-_MST_FIELDS = frozenset(
-    name for name in MSTConfig.__dataclass_fields__ if name not in PretrainedConfig.__dataclass_fields__
-)
+_MST_FIELDS = frozenset(name for name in MSTConfig.__dataclass_fields__
+                        if name not in PretrainedConfig.__dataclass_fields__)
 
 # Keywords that PretrainedConfig itself writes or accepts when a config round-trips (not MST fields).
 _GENERIC_KEYWORDS = frozenset(PretrainedConfig().to_dict()) | {"torch_dtype", "num_labels", "name_or_path"}
-
 
 SAVE_INFO_KEYS = frozenset({"model_type", "saved_at_step", "total_steps", "saved_in_phase", "hsa_active"})
 

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from . import allocation, schedule, sharding, topology
 from .flops import FlopMeter, model_flop_shapes
 from .initial_masks import set_initial_masks
-from .masks import MaskState, mask_fingerprint
+from .masks import MaskState, inner_optimizer, mask_fingerprint
 from .targets import TargetWeight, check_fused_experts, require_targets, unwrap_model
 
 logger = logging.get_logger(__name__)
@@ -50,16 +50,16 @@ def _tokens(inputs) -> int:
 
 
 # Optimizers whose update of an element with zero gradient, zero state and zero weight is exactly +0.0 (decoupled or
-# L2 weight decay scales 0 to 0; Adam's m / (sqrt(v) + eps) is 0 / eps): exact types only, a subclass may differ.
+# L2 weight decay scales 0 to 0; Adam's m / (sqrt(v) + eps) is 0 / eps): exact types only, a subclass may differ
+# (one that says so with `leaves_pruned_zero = True` counts: ActiveTileAdamW never writes a pruned tile).
 _ZERO_KEEPING_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
 def keeps_pruned_zero(optimizer) -> bool:
     """Whether ``optimizer`` (or the torch optimizer inside accelerate's ``AcceleratedOptimizer``) leaves weights
     whose gradient and optimizer state are masked to zero at exactly zero, so they need no re-masking per step."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
-        optimizer = optimizer.optimizer
-    return type(optimizer) in _ZERO_KEEPING_OPTIMIZERS
+    optimizer = inner_optimizer(optimizer)
+    return type(optimizer) in _ZERO_KEEPING_OPTIMIZERS or getattr(optimizer, "leaves_pruned_zero", False) is True
 
 
 class MSTController:

@@ -240,7 +240,18 @@ class MaskState:
         ``regrow_init="gradient"`` start the added positions from it instead (:func:`warm_regrown`).
         ``regrow_optimizer_state="restart"`` needs an optimizer that counts steps per element
         (:class:`mst_hf.optim.ElementwiseAdamW`): zeroing the state zeroes those counts too, so a regrown weight's
-        bias correction restarts at step 1."""
+        bias correction restarts at step 1.
+
+        An optimizer with moments per active tile (``stores_active_tiles``: :mod:`mst_hf.optim_active`) remaps its
+        state to the new tiles first (it refuses an unstructured mask), and takes ``regrow_optimizer_state="zero"``."""
+        tiles = inner_optimizer(optimizer)
+        tiles = tiles if getattr(tiles, "stores_active_tiles", False) else None
+        if tiles is not None and regrow_optimizer_state != "zero":
+            raise ValueError(
+                f"regrow_optimizer_state={regrow_optimizer_state!r} sets per-element optimizer state of regrown "
+                f"weights, but {type(tiles).__name__} keeps moments per active tile (optimizer_state='active'). Set "
+                "`regrow_optimizer_state='zero'` (new tiles start from zero moments) or `optimizer_state='dense'`."
+            )
         if regrow_optimizer_state == "restart" and optimizer is not None and not counts_element_steps(optimizer):
             raise ValueError(
                 f"regrow_optimizer_state='restart' restarts the bias correction of each regrown weight, which needs "
@@ -249,13 +260,16 @@ class MaskState:
                 "`regrow_optimizer_state='zero'`."
             )
         param, old = self.params[name], self.masks[name]
+        tracked = tiles is not None and tiles.tracks(param)
+        if tracked:
+            tiles.remap(param, new_mask)
         self._store(name, new_mask.to(device=old.device, dtype=torch.bool))
         new = self.masks[name]  # this process's part (all of it unless sharded): every change below is local
         removed = old & ~new
         added = new & ~old
         changed = removed | added
         self.layout.local(param).data.masked_fill_(changed, 0.0)
-        if optimizer is not None:
+        if optimizer is not None and not tracked:
             zero_optimizer_state(optimizer, param, changed, self.layout)
         if param.grad is not None and (regrow_optimizer_state == "warm" or regrow_init == "gradient"):
             warm_regrown(param, old & new, added, optimizer if regrow_optimizer_state == "warm" else None,
@@ -324,12 +338,17 @@ def zero_optimizer_state(optimizer, param: torch.Tensor, positions: torch.Tensor
             layout.local(value).masked_fill_(positions.to(value.device), 0)
 
 
+def inner_optimizer(optimizer):
+    """The torch optimizer itself: ``optimizer``, or the one inside accelerate's ``AcceleratedOptimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def counts_element_steps(optimizer) -> bool:
     """Whether ``optimizer`` (or the torch optimizer inside accelerate's ``AcceleratedOptimizer``) keeps a step count
     per element in its state (``counts_element_steps = True``, as :class:`mst_hf.optim.ElementwiseAdamW`)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return bool(getattr(optimizer, "counts_element_steps", False))
+    return bool(getattr(inner_optimizer(optimizer), "counts_element_steps", False))
 
 
 def _adam_betas(optimizer, param) -> tuple[float, float] | None:

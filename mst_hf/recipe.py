@@ -1,5 +1,6 @@
 """Validation of the recipe options of :class:`mst_hf.MSTConfig`: the learning-rate schedule aligned with the
-phases, warm restoration of regrown connections, the LM head's sparsity cap and the frozen tail of the run.
+phases, warm restoration of regrown connections (and the optimizer state it needs), the LM head's sparsity cap and
+the frozen tail of the run.
 
 Kept apart from ``config.py`` so that the config module stays one screenful per idea; every check raises
 ``ValueError``/``TypeError`` naming the field, the value and the fix. The options are described in
@@ -12,6 +13,7 @@ from . import schedule
 
 REGROW_OPTIMIZER_STATES = ("zero", "warm", "restart")
 REGROW_INITS = ("zero", "gradient")
+OPTIMIZER_STATES = ("dense", "active")  # AdamW moments of every weight / of active tiles only (mst_hf.optim_active)
 INITIAL_MASKS = ("auto", "random", "magnitude")  # mst_hf.initial_masks
 
 
@@ -44,6 +46,19 @@ def validate_recipe(cfg) -> None:
     if cfg.regrow_optimizer_state not in REGROW_OPTIMIZER_STATES:
         raise ValueError(f"`regrow_optimizer_state` must be one of {REGROW_OPTIMIZER_STATES}, got "
                          f"{cfg.regrow_optimizer_state!r}.")
+    if cfg.optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(f"`optimizer_state` must be one of {OPTIMIZER_STATES}, got {cfg.optimizer_state!r}.")
+    if cfg.optimizer_state == "active" and cfg.sparsity_structure != "block":
+        raise ValueError(
+            "`optimizer_state='active'` keeps AdamW moments per active tile, which needs block-structured masks: set "
+            f"`sparsity_structure='block'` (got {cfg.sparsity_structure!r}) or `optimizer_state='dense'`."
+        )
+    if cfg.optimizer_state == "active" and cfg.regrow_optimizer_state != "zero":
+        raise ValueError(
+            f"`regrow_optimizer_state={cfg.regrow_optimizer_state!r}` sets per-element optimizer state of regrown "
+            "weights, which `optimizer_state='active'` (moments per active tile, new tiles from zero) does not keep: "
+            "set `regrow_optimizer_state='zero'` or `optimizer_state='dense'`."
+        )
     if cfg.regrow_init not in REGROW_INITS:
         raise ValueError(f"`regrow_init` must be one of {REGROW_INITS}, got {cfg.regrow_init!r}.")
     if not _number(cfg.regrow_init_scale) or cfg.regrow_init_scale <= 0:

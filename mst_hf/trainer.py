@@ -35,6 +35,7 @@ from .io.checkpoint import (
     saved_attention,
 )
 from .optim import ElementwiseAdamW
+from .optim_active import TILE_INDEX, ActiveTileAdamW, track_masks
 from .presets import DEFAULT_PRESET
 from .targets import PEFT_REFUSAL, has_peft_layers, unwrap_model
 
@@ -176,26 +177,36 @@ class MSTTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer and learning rate
     def create_optimizer(self, model=None):
-        """Trainer's optimizer; with ``mst_config.regrow_optimizer_state="restart"`` an
-        :class:`mst_hf.optim.ElementwiseAdamW` with the Trainer's AdamW settings (learning rate, betas, epsilon and
-        weight-decay groups) instead, so that each regrown weight's bias correction restarts at step 1."""
-        if (self.mst_config.regrow_optimizer_state != "restart" or self.optimizer is not None
+        """Trainer's optimizer, with the Trainer's AdamW settings (learning rate, betas, epsilon and weight-decay
+        groups) given to a replacement where ``mst_config`` needs one: :class:`mst_hf.optim.ElementwiseAdamW` for
+        ``regrow_optimizer_state="restart"`` (each regrown weight's bias correction restarts at step 1);
+        :class:`mst_hf.optim_active.ActiveTileAdamW` for ``optimizer_state="active"`` (moments of active tiles only),
+        which then tracks every target weight at its current tiles."""
+        active = self.mst_config.optimizer_state == "active"
+        if ((not active and self.mst_config.regrow_optimizer_state != "restart") or self.optimizer is not None
                 or self.optimizer_cls_and_kwargs is not None):
-            return super().create_optimizer(model)
-        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
-        if cls is not torch.optim.AdamW:
-            optim = getattr(self.args.optim, "value", self.args.optim)
-            raise ValueError(
-                f"regrow_optimizer_state='restart' replaces torch's AdamW by mst_hf.optim.ElementwiseAdamW, but "
-                f"TrainingArguments.optim={optim!r} selects {cls.__name__}. Use optim='adamw_torch' "
-                "(or 'adamw_torch_fused') or set `regrow_optimizer_state='zero'`."
-            )
-        settings = {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
-        self.optimizer_cls_and_kwargs = (ElementwiseAdamW, settings)
-        try:
-            return super().create_optimizer(model)
-        finally:
-            self.optimizer_cls_and_kwargs = None
+            optimizer = super().create_optimizer(model)
+        else:
+            replacement = ActiveTileAdamW if active else ElementwiseAdamW
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
+            if cls is not torch.optim.AdamW:
+                optim = getattr(self.args.optim, "value", self.args.optim)
+                setting, fallback = (("optimizer_state='active'", "optimizer_state='dense'") if active else
+                                     ("regrow_optimizer_state='restart'", "regrow_optimizer_state='zero'"))
+                raise ValueError(
+                    f"{setting} replaces torch's AdamW by {replacement.__module__}.{replacement.__name__}, but "
+                    f"TrainingArguments.optim={optim!r} selects {cls.__name__}. Use optim='adamw_torch' "
+                    f"(or 'adamw_torch_fused') or set `{fallback}`."
+                )
+            settings = {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
+            self.optimizer_cls_and_kwargs = (replacement, settings)
+            try:
+                optimizer = super().create_optimizer(model)
+            finally:
+                self.optimizer_cls_and_kwargs = None
+        if active:  # also an optimizer passed in, or one kept from an earlier train(): its tiles follow the masks
+            track_masks(optimizer, self.mst.masks, self.mst.block)
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's scheduler, unless ``mst_config.lr_schedule`` is set: then a ``LambdaLR`` of
@@ -251,6 +262,18 @@ class MSTTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         self.mst.follow_params()  # FSDP2: Trainer resumes after sharding the model
         restore_mst_checkpoint(self.mst, checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """Trainer's, refusing optimizer state saved per active tile (``optimizer_state="active"``) for a run whose
+        optimizer keeps dense moments (its first step would fail on the shapes)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        state = getattr(self.optimizer, "state", None) or {}
+        if self.mst_config.optimizer_state != "active" and any(TILE_INDEX in s for s in state.values()):
+            raise ValueError(
+                f"Checkpoint {checkpoint!r} holds optimizer state of active tiles only (saved with "
+                "optimizer_state='active'), but this run has `optimizer_state='dense'`: resume with "
+                "`optimizer_state='active'` (a dense checkpoint, in turn, resumes under either)."
+            )
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's masks and attention state (``config.mst_hsa``: the sparse

@@ -25,6 +25,7 @@ INVALID = [
     ("grow_method", 3, TypeError),
     ("mixed_gradient_fraction", 2.0, ValueError),
     ("sparsity_distribution", "erk", ValueError),
+    ("optimizer_state", "sparse", ValueError),
     ("target_modules", [1, 2], TypeError),
     ("exclude_modules", 5, TypeError),
     ("target_modules", "(q|k", ValueError),  # not a regex
