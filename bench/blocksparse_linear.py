@@ -299,6 +299,7 @@ def main(argv=None):
     global DEVICE, DTYPE
     if args.smoke:
         DEVICE, DTYPE = "cpu", torch.float16
+        ops.CPU_KERNELS = "triton"  # the Triton kernels in the interpreter, not the ops' plain-torch CPU version
         args.tokens, args.dims, args.blocks, args.reps, args.rounds, args.conv1d_dim = 40, [32], [16, 32], 1, 1, 32
     elif not torch.cuda.is_available():
         raise SystemExit("bench/blocksparse_linear.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1).")

@@ -9,12 +9,14 @@ Between the pure masks and the controller: :class:`WeightKernels` puts each targ
    block kernel computes ``dW`` on active tiles only. After the update the new masks are installed.
 3. ``"auto"`` asks :func:`mst_hf.kernels.choose_kernel` (a measured break-even table per GPU, shape, tile side and
    density): a layer at low sparsity (warm-up, restoration) stays dense where the block kernel would be slower.
-   ``"block"`` forces the kernel wherever rule 1 allows (CPU included: Triton's interpreter, for tests). ``"auto"``
-   never picks it for a weight off CUDA or without triton.
+   ``"block"`` forces the kernel wherever rule 1 allows, CPU weights included: there the block-sparse ops run their
+   plain-torch CPU implementation, which is for correctness and tests (``torch.compile`` of a block-mode run without
+   a GPU), not speed: it is slower than the dense matmul. ``"auto"`` never picks it for a weight off CUDA or without
+   triton.
 
-Construction refuses what would otherwise fail or do nothing later: ``"block"`` without triton, a missing or
-malformed break-even table for ``"auto"``, a ``block_size`` that divides no target's shape (and warns about the
-targets it does not divide: they run dense).
+Construction refuses what would otherwise fail or do nothing later: ``"block"`` without triton for weights off the
+CPU, a missing or malformed break-even table for ``"auto"``, a ``block_size`` that divides no target's shape (and
+warns about the targets it does not divide: they run dense).
 
 Decisions change only when masks do (at updates, or after loading masks: both replace the mask tensors, which is
 what is checked), so a normal step costs a loop of identity checks here.
@@ -32,23 +34,24 @@ class WeightKernels:
 
     def __init__(self, model, targets, masks, block: int, mode: str):
         self.model, self.targets, self.masks, self.block, self.mode = model, targets, masks, block, mode
-        self._check(targets, block, mode)
+        self._check(targets, block, mode, {self._module(t).weight.device.type for t in targets.values()})
         self.choice: dict[str, str] = {}  # parameter name -> "block" | "dense"
         self._dirty = True
         self._dense_step = False
         self._installed: dict = {}
 
     @staticmethod
-    def _check(targets, block: int, mode: str) -> None:
-        """What would only show at the first step, refused (or warned about) now: no triton for ``"block"``, a
-        malformed break-even table for ``"auto"``, target shapes the tile side does not divide."""
+    def _check(targets, block: int, mode: str, devices: set) -> None:
+        """What would only show at the first step, refused (or warned about) now: no triton for ``"block"`` on
+        weights off the CPU (`devices`: the targets' device types), a malformed break-even table for ``"auto"``,
+        target shapes the tile side does not divide."""
         from .kernels import dispatch
 
-        if mode == "block" and not dispatch.triton_installed():
+        if mode == "block" and devices - {"cpu"} and not dispatch.triton_installed():
             raise NotImplementedError(
-                "`weight_kernels='block'` runs the Triton block-sparse kernels, but triton is not installed: install "
-                "triton (CUDA GPUs), or set `weight_kernels='dense'` (or 'auto', which stays dense where the block "
-                "kernel cannot run)."
+                f"`weight_kernels='block'` runs the Triton block-sparse kernels on {sorted(devices - {'cpu'})} "
+                "weights, but triton is not installed: install triton (CUDA GPUs), or set `weight_kernels='dense'` "
+                "(or 'auto', which stays dense where the block kernel cannot run)."
             )
         if mode == "auto":
             dispatch.load_table()  # a missing or malformed table (MST_KERNEL_TABLE) fails here, naming the field

@@ -3,9 +3,10 @@
 :func:`enable_block_sparse` swaps the forward of one ``nn.Linear`` or ``Conv1D`` *instance* (the class and the
 parameters stay, so ``state_dict`` keys, checkpoints and ``from_pretrained`` are unchanged); the weight stays a
 dense tensor that holds zeros outside the active blocks. Calling it again on an enabled module installs the new
-mask (a topology update: the layout's index is rebuilt once, lazily). :func:`disable_block_sparse` restores the
-class forward. A controller uses dense kernels on topology-update steps (growth ranks inactive weights by their
-dense gradient, which the sampled ``dW`` does not compute) and wherever :func:`choose_kernel` says dense.
+mask (a topology update: the layout's index is rebuilt once, eagerly). :func:`disable_block_sparse` restores the
+class forward (and keeps the layout, which enabling the module again reuses). A controller uses dense kernels on
+topology-update steps (growth ranks inactive weights by their dense gradient, which the sampled ``dW`` does not
+compute) and wherever :func:`choose_kernel` says dense.
 
 :func:`choose_kernel` reads a break-even table measured by ``bench/blocksparse_linear.py``: per GPU, per weight
 shape and block size, the largest density at which the block kernel was faster than dense cuBLAS for fwd+bwd.
@@ -31,6 +32,10 @@ from .ops import block_sparse_linear
 from .table import DEFAULT_TABLE, load_table, normalize_device_name, table_path  # noqa: F401 (DEFAULT_TABLE: public)
 
 _STATE = "_mst_block_sparse"
+# A disabled module keeps its layout here, and enabling it again reuses it: under torch.compile the module's graph
+# reads the layout's index from a slot named by the layout, so a new layout at every dense topology-update step (as
+# MST runs them) would recompile the model at each update.
+_PARKED = "_mst_block_sparse_parked"
 
 
 @functools.cache
@@ -41,7 +46,8 @@ def triton_installed() -> bool:
 
 def block_kernel_runs(device) -> bool:
     """Whether ``weight_kernels="auto"`` may put a layer whose weight lives on `device` on the block kernel: a CUDA
-    device with triton installed (Triton's CPU interpreter runs it too, but only for tests: far slower than dense)."""
+    device with triton installed. (CPU weights run the ops' plain-torch CPU implementation, and ``"block"`` puts them
+    there, but only for correctness and tests: it is slower than dense.)"""
     return torch.device(device).type == "cuda" and triton_installed()
 
 
@@ -81,21 +87,27 @@ def enable_block_sparse(module: nn.Module, block_mask: torch.Tensor, block_size:
                 f"mask of shape {tuple(weight.shape)}."
             )
         blocks = block_mask.t() if conv1d else block_mask
-    state = getattr(module, _STATE, None)
+    enabled = getattr(module, _STATE, None)
+    state = enabled or module.__dict__.pop(_PARKED, None)
     if state is not None and state[0].block_size == block_size and state[0].block_mask.shape == blocks.shape:
-        state[0].update(blocks)
-        return state[0]
-    layout = BlockLayout(blocks, block_size)
-    setattr(module, _STATE, (layout, conv1d))
-    module.forward = types.MethodType(_block_forward, module)
+        layout = state[0]
+        layout.update(blocks)
+    else:
+        layout = BlockLayout(blocks, block_size)
+    layout.index(weight.device)  # the device copy made now, eagerly: compiled forwards only read it
+    if enabled is None or enabled[0] is not layout:
+        setattr(module, _STATE, (layout, conv1d))
+        module.forward = types.MethodType(_block_forward, module)
     return layout
 
 
 def disable_block_sparse(module: nn.Module) -> None:
     """Put `module` back on its class forward (dense kernels). A no-op for a module that is not enabled."""
-    if getattr(module, _STATE, None) is None:
+    state = getattr(module, _STATE, None)
+    if state is None:
         return
     delattr(module, _STATE)
+    setattr(module, _PARKED, state)
     if "forward" in module.__dict__:
         del module.forward
 

@@ -13,7 +13,16 @@ device), never per step::
 ``row_ptr``/``col_idx`` list, for each block-row (output block), its active input blocks (the forward);
 ``col_ptr``/``row_idx`` list, for each block-column (input block), its active output blocks (``dX = dY W``);
 ``blk_row`` with ``col_idx`` gives the ``(r, c)`` of every active block in row-major order (the sampled ``dW``).
+
+Under ``torch.compile`` the index is a graph input whose length is a dynamic dimension from the start, so a topology
+update that changes a layer's tile count reuses the compiled graph. For that, the device copies live in this module
+(:data:`_INDEXES`), not on the layout: a tensor that dynamo reaches through a ``nn.Linear``'s attributes (where the
+layout hangs) always gets static shapes (``torch._dynamo.config.force_nn_module_property_static_shapes``), which
+recompiled the whole model at every change of any layer's tile count.
 """
+
+import itertools
+import weakref
 
 import torch
 
@@ -66,6 +75,9 @@ class BlockLayout:
         self.block_size = check_block_size(block_size)
         self.version = 0
         self._mask = None
+        self._uid = next(_UIDS)
+        self._devices = {"cpu"}  # where a copy of the index is kept (and refreshed by update)
+        weakref.finalize(self, _forget, self._uid, self._devices)
         self.update(block_mask)
 
     def update(self, block_mask: torch.Tensor) -> None:
@@ -80,7 +92,8 @@ class BlockLayout:
         self._mask = block_mask.detach().ne(0).cpu()
         self.version += 1
         self._index = build_index(self._mask)  # built here, eagerly: never inside a compiled region
-        self._cache = {"cpu": self._index}
+        for device in self._devices:  # the copies a compiled graph reads are replaced, never missing
+            _INDEXES[self._uid, device] = _dynamic_length(self._index.to(device))
         self.nnz = int(self._mask.sum())
 
     @property
@@ -98,11 +111,30 @@ class BlockLayout:
         return self.nnz / self._mask.numel()
 
     def index(self, device) -> torch.Tensor:
-        """The int32 index on `device` (see the module docstring), cached until the next :meth:`update`."""
-        key = str(device)
-        if key not in self._cache:
-            self._cache[key] = self._index.to(device)
-        return self._cache[key]
+        """The int32 index on `device` (see the module docstring), cached until the next :meth:`update`, which
+        refreshes it (call this once eagerly per device, as ``enable_block_sparse`` does, so that compiled code only
+        ever reads it)."""
+        key = (self._uid, str(device))
+        if key not in _INDEXES:
+            self._devices.add(key[1])
+            _INDEXES[key] = _dynamic_length(self._index.to(device))
+        return _INDEXES[key]
+
+
+# The index of every live layout on every device it was asked for, by (layout uid, device): see the module docstring.
+_INDEXES: dict[tuple[int, str], torch.Tensor] = {}
+_UIDS = itertools.count()
+
+
+def _forget(uid: int, devices: set) -> None:
+    for device in devices:
+        _INDEXES.pop((uid, device), None)
+
+
+def _dynamic_length(index: torch.Tensor) -> torch.Tensor:
+    """`index`, its length marked dynamic for torch.compile (a weak mark: no error where something specializes it)."""
+    torch._dynamo.maybe_mark_dynamic(index, 0)
+    return index
 
 
 def build_index(block_mask: torch.Tensor) -> torch.Tensor:

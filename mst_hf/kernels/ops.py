@@ -6,6 +6,12 @@ take 2-D activations, the dense-stored weight, the layout's compact index and th
 autograd formula (``register_autograd``) calls the other two and sums ``dY`` for the bias. ``triton_op`` lets
 ``torch.compile`` see the Triton launches instead of treating the op as a black box.
 
+CPU tensors take :mod:`.cpu` instead (plain torch ops over the same index, for correctness and tests, not speed),
+chosen inside each op's body by :func:`implementation`. The body is also the op's fake kernel and what
+``torch.compile`` decomposes the op into, so a compiled CPU model traces plain aten ops. (A separate
+``register_kernel(op, "cpu")`` would serve eager calls only: the fake kernel and the decomposition would still run
+the Triton body on CPU tensors, which fails under ``torch.compile``.)
+
 Eager calls take a shorter road to the same launches and formulas: a plain ``torch.autograd.Function`` that
 launches directly. The custom-op dispatch costs host time per call (measured on the H200 machine: small layers
 became host-bound), which matters in eager loops; under ``torch.compile`` the ops are traced and that cost is gone.
@@ -18,27 +24,38 @@ op, so the float32 master weight receives the gradient).
 import torch
 from torch import Tensor
 
+from . import cpu
 from .layout import BlockLayout
 from .triton import launch
 
 _NS = "mst_hf"
 
+# CPU tensors run the plain-torch implementation; "triton" runs the Triton kernels there instead, in Triton's
+# interpreter (TRITON_INTERPRET=1: eager only), which is how the kernel tests exercise them without a GPU.
+CPU_KERNELS = "torch"
+
+
+def implementation(t: Tensor):
+    """The module whose ``forward``/``grad_input``/``grad_weight`` compute on `t`'s device: :mod:`.cpu` for CPU
+    tensors (unless ``CPU_KERNELS == "triton"``), the Triton launches otherwise."""
+    return cpu if t.device.type == "cpu" and CPU_KERNELS == "torch" else launch
+
 
 @torch.library.triton_op(f"{_NS}::block_sparse_linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, block: int, conv1d: bool) -> Tensor:
-    return launch.forward(x, weight, bias, index, block, conv1d)
+    return implementation(x).forward(x, weight, bias, index, block, conv1d)
 
 
 @torch.library.triton_op(f"{_NS}::block_sparse_linear_grad_input", mutates_args=())
 def _grad_input_op(grad_out: Tensor, weight: Tensor, index: Tensor, block: int, conv1d: bool) -> Tensor:
-    return launch.grad_input(grad_out, weight, index, block, conv1d)
+    return implementation(grad_out).grad_input(grad_out, weight, index, block, conv1d)
 
 
 @torch.library.triton_op(f"{_NS}::block_sparse_linear_grad_weight", mutates_args=())
 def _grad_weight_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, index: Tensor, block: int, conv1d: bool, split: int
 ) -> Tensor:
-    return launch.grad_weight(grad_out, x, weight, index, block, conv1d, split)
+    return implementation(x).grad_weight(grad_out, x, weight, index, block, conv1d, split)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,12 +93,13 @@ class _EagerBlockSparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, index, block, conv1d):  # classic form: apply() skips signature binding
         _setup_context(ctx, (x, weight, bias, index, block, conv1d), None)
         with launch.direct_launches():
-            return launch.forward(x, weight, bias, index, block, conv1d)
+            return implementation(x).forward(x, weight, bias, index, block, conv1d)
 
     @staticmethod
     def backward(ctx, grad_out):
+        impl = implementation(grad_out)
         with launch.direct_launches():
-            return _grads(ctx, grad_out, launch.grad_input, launch.grad_weight)
+            return _grads(ctx, grad_out, impl.grad_input, impl.grad_weight)
 
 
 def _check(x: Tensor, weight: Tensor, bias, layout: BlockLayout, conv1d: bool) -> tuple[int, int]:

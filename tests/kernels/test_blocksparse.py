@@ -38,6 +38,15 @@ pytestmark = pytest.mark.skipif(
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_cpu(monkeypatch):
+    """These tests are about the Triton kernels: on CPU, run them in the interpreter rather than the plain-torch
+    CPU implementation that CPU tensors get by default (tested in test_cpu_ops.py)."""
+    from mst_hf.kernels import ops
+
+    monkeypatch.setattr(ops, "CPU_KERNELS", "triton")
+
+
 def random_block_mask(rows, cols, density, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(rows, cols, generator=g) < density
