@@ -172,8 +172,25 @@ def run_kernel(kernel, query, key, value, spec: HSASpec, scaling=None, dropout=0
     raise ValueError(f"Unknown kernel {kernel!r}. Valid kernels: {', '.join(KERNELS)}.")
 
 
+def one_dtype(query, key, value) -> tuple:
+    """``query``, ``key``, ``value`` in one dtype, as SDPA takes them: under autocast all in the autocast dtype (e.g.
+    Llama's rotary embedding leaves ``query`` and ``key`` in float32 while ``value`` is bfloat16, which SDPA casts
+    and the Triton kernels cannot mix); outside autocast they must already agree."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"HSA attention needs query, key and value in one dtype, got {query.dtype}, {key.dtype} and "
+                        f"{value.dtype}; cast them, or run under torch.autocast as transformers' Trainer does with "
+                        "bf16=True.")
+    return query, key, value
+
+
 def hsa_attention(query, key, value, spec: HSASpec, scaling=None, backend="auto", dropout=0.0) -> torch.Tensor:
-    """HSA pattern attention on a plain causal sequence (no padding, positions 0..T-1), kernel chosen by `backend`."""
+    """HSA pattern attention on a plain causal sequence (no padding, positions 0..T-1), kernel chosen by `backend`;
+    ``query``, ``key`` and ``value`` are brought to one dtype first (:func:`one_dtype`)."""
+    query, key, value = one_dtype(query, key, value)
     if backend == "auto":
         kernel = auto_kernel(query, key, value, spec, scaling, dropout)
     else:

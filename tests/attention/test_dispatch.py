@@ -101,3 +101,39 @@ def test_cuda_auto_picks_a_candidate_and_stays_correct():
     assert choice in auto_candidates(spec, 1024, 64, "cuda")
     expected = reference_attention(q, k, v, vector_mask("local", 1024, window=128, heads=1).cuda())
     assert relative_error(kernels.hsa_attention(q, k, v, spec), expected) < 1e-2
+
+
+def _mixed(seq=64, d=16, seed=0):
+    """Query and key in float32, value in bfloat16: what Llama's rotary embedding hands attention under autocast."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 2, seq, d, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, seq, d, generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
+def test_mixed_dtypes_under_autocast_run_in_the_autocast_dtype_as_sdpa_does():
+    spec = HSASpec(pattern="local", window=8)
+    q, k, v = _mixed()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.hsa_attention(q, k, v, spec, backend="eager")
+    assert out.dtype == torch.bfloat16
+    want = reference_attention(q.bfloat16(), k.bfloat16(), v, vector_mask("local", 64, window=8, heads=2), None)
+    assert relative_error(out, want) < 1e-2
+
+
+def test_mixed_dtypes_outside_autocast_are_refused_with_the_dtypes_named():
+    with pytest.raises(TypeError, match="torch.float32, torch.float32 and torch.bfloat16"):
+        kernels.hsa_attention(*_mixed(), HSASpec(pattern="local", window=8), backend="sdpa")
+
+
+@gpu
+def test_triton_backward_with_llama_dtypes_under_cuda_autocast():
+    """The H100 failure of 2026-12-08: float32 query/key with bfloat16 value reached the Triton backward, which cannot
+    mix them (CompilationError in the dq kernel)."""
+    spec = HSASpec(pattern="local_strided", window=128, stride=128)
+    q, k, v = (t.cuda().requires_grad_() for t in _mixed(seq=1024, d=64))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = kernels.hsa_attention(q, k, v, spec, backend="triton")
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
