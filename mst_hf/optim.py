@@ -24,6 +24,20 @@ ELEMENT_STEP = "elem_step"  # the per-element step count in each parameter's opt
 ELEMENT_STEP_DTYPE = torch.int32
 
 
+def run_closure(closure):
+    """``optimizer.step(closure)``'s loss: the closure called with gradients on (``None`` without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def refuse_amsgrad_and_maximize(group: dict, name: str, fix: str) -> None:
+    """The AdamW variants of mst_hf implement neither ``amsgrad`` nor ``maximize``: refuse a group that sets them."""
+    if group["amsgrad"] or group["maximize"]:
+        raise NotImplementedError(f"{name} does not implement `amsgrad` or `maximize`; use {fix}.")
+
+
 class ElementwiseAdamW(torch.optim.AdamW):
     """``ElementwiseAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)``: decoupled weight
     decay as :class:`torch.optim.AdamW`, with per-element bias correction (module docstring). ``amsgrad``,
@@ -37,14 +51,10 @@ class ElementwiseAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
-            if group["amsgrad"] or group["maximize"]:
-                raise NotImplementedError("ElementwiseAdamW does not implement `amsgrad` or `maximize`; use "
-                                          "torch.optim.AdamW (with regrow_optimizer_state='zero' or 'warm').")
+            refuse_amsgrad_and_maximize(group, "ElementwiseAdamW",
+                                        "torch.optim.AdamW (with regrow_optimizer_state='zero' or 'warm')")
             lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
             beta1, beta2 = (float(b) for b in group["betas"])
             for param in group["params"]:

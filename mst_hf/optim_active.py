@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import sharding, topology
 from .masks import inner_optimizer
+from .optim import refuse_amsgrad_and_maximize, run_closure
 
 TILE_INDEX = "tile_index"  # (n_active,) int64 flat tile index r * C + c, ascending
 TILE_BLOCK = "tile_block"  # the tile side B (an int)
@@ -183,14 +184,9 @@ class ActiveTileAdamW(torch.optim.AdamW):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
-            if group["amsgrad"] or group["maximize"]:
-                raise NotImplementedError("ActiveTileAdamW does not implement `amsgrad` or `maximize`; use "
-                                          "torch.optim.AdamW (`optimizer_state='dense'`).")
+            refuse_amsgrad_and_maximize(group, "ActiveTileAdamW", "torch.optim.AdamW (`optimizer_state='dense'`)")
             hyper = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                          weight_decay=group["weight_decay"], eps=group["eps"])
             for param in group["params"]:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import schedule
-from ..kernels.table import normalize_device_name
+from ..kernels.table import normalize_device_name, read_device_json
 from .patterns import PATTERNS, HSASpec
 
 DEFAULT_TIMES = os.path.join(os.path.dirname(__file__), "times.json")
@@ -112,17 +112,9 @@ def load_times(path: str | None = None) -> dict:
 @functools.cache
 def _read(path: str) -> dict:
     where = f"Attention time table {path}"
-    if not os.path.isfile(path):
-        raise ValueError(f"{where} does not exist (or is a directory): name an attention time JSON file. {FIX}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where} is not valid JSON ({err}). {FIX}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
-        raise ValueError(f'{where}: must be a JSON object {{"devices": {{GPU name: entry}}}}, got {data!r:.80}. {FIX}')
+    devices = read_device_json(path, where, "an attention time JSON file", FIX)
     return {normalize_device_name(name): _check_device(entry, f"{where}: devices[{name!r}]")
-            for name, entry in data["devices"].items()}
+            for name, entry in devices.items()}
 
 
 def _check_device(entry, where: str) -> dict:

@@ -62,22 +62,30 @@ def load_table(path: str | None = None) -> dict:
     return _read(table_path(path), _origin(path))
 
 
-@functools.cache
-def _read(path: str, origin: str) -> dict:
-    where = f"Kernel table {path}{origin}"
+def read_device_json(path: str, where: str, what: str, fix: str) -> dict:
+    """The ``"devices"`` object of a per-GPU JSON table (``{"devices": {GPU name: entry}}``), keyed by the raw
+    names; a ``ValueError`` that starts with ``where``, names the problem, the kind of file (``what``) and ``fix``,
+    when the file is missing, is not JSON or lacks that object."""
     if not os.path.isfile(path):
-        what = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise ValueError(f"{where} {what}: name a break-even JSON file. {FIX}")
+        problem = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"{where} {problem}: name {what}. {fix}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where} is not valid JSON ({err}). {FIX}") from err
+        raise ValueError(f"{where} is not valid JSON ({err}). {fix}") from err
     if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
         got = type(data).__name__ if not isinstance(data, dict) else f"an object with keys {sorted(data)}"
-        raise ValueError(f'{where}: must be a JSON object {{"devices": {{GPU name: table}}}}, got {got}. {FIX}')
+        raise ValueError(f'{where}: must be a JSON object {{"devices": {{GPU name: entry}}}}, got {got}. {fix}')
+    return data["devices"]
+
+
+@functools.cache
+def _read(path: str, origin: str) -> dict:
+    where = f"Kernel table {path}{origin}"
+    devices = read_device_json(path, where, "a break-even JSON file", FIX)
     return {normalize_device_name(name): _check_device(table, f"{where}: devices[{name!r}]")
-            for name, table in data["devices"].items()}
+            for name, table in devices.items()}
 
 
 def _check_device(table, where: str) -> dict:
