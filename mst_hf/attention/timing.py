@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import schedule
-from ..kernels.table import normalize_device_name, read_device_json
+from ..kernels.table import check_fields, normalize_device_name, read_device_json
 from .patterns import PATTERNS, HSASpec
 
 DEFAULT_TIMES = os.path.join(os.path.dirname(__file__), "times.json")
@@ -118,13 +118,13 @@ def _read(path: str) -> dict:
 
 
 def _check_device(entry, where: str) -> dict:
-    _check_fields(entry, DEVICE_FIELDS, where)
+    check_fields(entry, DEVICE_FIELDS, where, fix=FIX)
     rows = entry.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{where}: `rows` must be a non-empty list of measured rows, got {rows!r:.60}. {FIX}")
     seen, sdpa = set(), {}
     for i, row in enumerate(rows):
-        _check_fields(row, ROW_FIELDS, f"{where}.rows[{i}]")
+        check_fields(row, ROW_FIELDS, f"{where}.rows[{i}]", fix=FIX)
         key = (row["seq_len"], row["pattern"])
         if key in seen:
             raise ValueError(f"{where}.rows[{i}]: a second row for `pattern` {key[1]!r} at `seq_len` {key[0]}: keep "
@@ -135,16 +135,6 @@ def _check_device(entry, where: str) -> dict:
                              f"{sdpa[row['seq_len']]} of another row at `seq_len` {row['seq_len']} (one run, one "
                              f"baseline per length). {FIX}")
     return entry
-
-
-def _check_fields(row, spec: dict, where: str) -> None:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where} must be an object with {sorted(spec)}, got {row!r:.60}. {FIX}")
-    for name, (what, ok) in spec.items():
-        if name not in row:
-            raise ValueError(f"{where} has no `{name}` (it must be {what}). {FIX}")
-        if not ok(row[name]):
-            raise ValueError(f"{where}: `{name}` must be {what}, got {row[name]!r}. {FIX}")
 
 
 # --------------------------------------------------------------------------- one step's attention

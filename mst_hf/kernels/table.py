@@ -92,7 +92,7 @@ def _check_device(table, where: str) -> dict:
     if not isinstance(table, dict):
         raise ValueError(f"{where} must be an object with `tokens` and `break_even`, got {type(table).__name__}. "
                          f"{FIX}")
-    _check_fields(table, {"tokens": _POSITIVE}, where)
+    check_fields(table, {"tokens": _POSITIVE}, where)
     for key, spec, required in (("break_even", BREAK_EVEN_ROW, True), ("measurements", MEASUREMENT_ROW, False)):
         rows = table.get(key)
         if rows is None and not required:
@@ -101,18 +101,20 @@ def _check_device(table, where: str) -> dict:
             raise ValueError(f"{where}: `{key}` must be a list of rows, got {rows!r:.60}. {FIX}")
         for i, row in enumerate(rows):
             optional = OPTIONAL_MEASUREMENT_FIELDS if key == "measurements" else {}
-            _check_fields(row, spec, f"{where}.{key}[{i}]", optional)
+            check_fields(row, spec, f"{where}.{key}[{i}]", optional)
     return table
 
 
-def _check_fields(row, spec: dict, where: str, optional: dict | None = None) -> None:
+def check_fields(row, spec: dict, where: str, optional: dict | None = None, fix: str = FIX) -> None:
+    """``row`` is an object with every field of ``spec`` (``name -> (what it must be, test)``) passing its test, and
+    every field of ``optional`` it has passing its own; else a ``ValueError`` naming ``where``, the field, ``fix``."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where} must be an object with {sorted(spec)}, got {row!r:.60}. {FIX}")
+        raise ValueError(f"{where} must be an object with {sorted(spec)}, got {row!r:.60}. {fix}")
     for name, (what, ok) in spec.items():
         if name not in row:
-            raise ValueError(f"{where} has no `{name}` (it must be {what}). {FIX}")
+            raise ValueError(f"{where} has no `{name}` (it must be {what}). {fix}")
         if not ok(row[name]):
-            raise ValueError(f"{where}: `{name}` must be {what}, got {row[name]!r}. {FIX}")
+            raise ValueError(f"{where}: `{name}` must be {what}, got {row[name]!r}. {fix}")
     for name, (what, ok) in (optional or {}).items():
         if name in row and not ok(row[name]):
-            raise ValueError(f"{where}: `{name}` must be {what}, got {row[name]!r}. {FIX}")
+            raise ValueError(f"{where}: `{name}` must be {what}, got {row[name]!r}. {fix}")
