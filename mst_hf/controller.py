@@ -330,7 +330,7 @@ class MSTController:
                 target = topology.active_count(param.numel(), density)
                 new_masks[name], dropped, grown = topology.evolve(
                     mask, weight, grad, target, zeta, method, generator=generator,
-                    gradient_fraction=cfg.mixed_gradient_fraction,
+                    gradient_fraction=cfg.mixed_gradient_fraction, n_active=self.masks.active(name),
                 )
             n_drop += dropped
             n_grow += grown

@@ -232,18 +232,15 @@ class MaskState:
     def set_mask(self, name: str, new_mask: torch.Tensor, optimizer=None, regrow_optimizer_state: str = "zero",
                  regrow_init: str = "zero", regrow_init_scale: float = 0.1) -> tuple[int, int]:
         """Replace one mask. Removed weights are zeroed; added weights start at 0; the optimizer state of every
-        changed position (Adam's ``exp_avg``/``exp_avg_sq``, SGD momentum, ...) is zeroed. ``new_mask`` is
-        the full mask (global shape). Returns ``(n_removed, n_added)`` relative to the old mask (a connection dropped
-        and regrown at once is unchanged).
-
-        With the parameter's dense gradient in ``.grad`` (a topology update), ``regrow_optimizer_state="warm"`` and
-        ``regrow_init="gradient"`` start the added positions from it instead (:func:`warm_regrown`).
-        ``regrow_optimizer_state="restart"`` needs an optimizer that counts steps per element
+        changed position (Adam's ``exp_avg``/``exp_avg_sq``, SGD momentum, ...) is zeroed. ``new_mask`` is the full
+        mask (global shape). Returns ``(n_removed, n_added)`` relative to the old mask (a connection dropped and
+        regrown at once is unchanged). With the dense gradient in ``.grad`` (a topology update),
+        ``regrow_optimizer_state="warm"`` and ``regrow_init="gradient"`` start the added positions from it instead
+        (:func:`warm_regrown`). ``regrow_optimizer_state="restart"`` needs an optimizer that counts steps per element
         (:class:`mst_hf.optim.ElementwiseAdamW`): zeroing the state zeroes those counts too, so a regrown weight's
-        bias correction restarts at step 1.
-
-        An optimizer with moments per active tile (``stores_active_tiles``: :mod:`mst_hf.optim_active`) remaps its
-        state to the new tiles first (it refuses an unstructured mask), and takes ``regrow_optimizer_state="zero"``."""
+        bias correction restarts at step 1. An optimizer with moments per active tile (``stores_active_tiles``:
+        :mod:`mst_hf.optim_active`) remaps its state to the new tiles first (it refuses an unstructured mask), and
+        takes ``regrow_optimizer_state="zero"``."""
         tiles = inner_optimizer(optimizer)
         tiles = tiles if getattr(tiles, "stores_active_tiles", False) else None
         if tiles is not None and regrow_optimizer_state != "zero":
@@ -259,7 +256,7 @@ class MaskState:
                 "mst_hf.optim.ElementwiseAdamW (MSTTrainer creates one for this setting) or set "
                 "`regrow_optimizer_state='zero'`."
             )
-        param, old = self.params[name], self.masks[name]
+        param, old, old_count = self.params[name], self.masks[name], self._active.get(name)
         tracked = tiles is not None and tiles.tracks(param)
         if tracked:
             tiles.remap(param, new_mask)
@@ -275,7 +272,10 @@ class MaskState:
             warm_regrown(param, old & new, added, optimizer if regrow_optimizer_state == "warm" else None,
                          regrow_init_scale if regrow_init == "gradient" else None, self.layout)
         self._lists = None
-        return self.layout.global_count(removed, param), self.layout.global_count(added, param)
+        n_removed, n_added = self.layout.global_count(removed, param), self.layout.global_count(added, param)
+        if name not in self._active and old_count is not None:  # the new count, known without a recount (a sync)
+            self._active[name] = old_count - n_removed + n_added
+        return n_removed, n_added
 
     # ------------------------------------------------------------------ reading
     def active(self, name: str) -> int:

@@ -158,8 +158,10 @@ def evolve(
     grow_method: str,
     generator: torch.Generator | None = None,
     gradient_fraction: float = 0.75,
+    n_active: int | None = None,
 ) -> tuple[torch.Tensor, int, int]:
-    """One topology update of one layer. Returns ``(new_mask, n_drop, n_grow)``.
+    """One topology update of one layer. Returns ``(new_mask, n_drop, n_grow)``. ``n_active``: the mask's active
+    count when the caller knows it (saves counting it, a host sync).
 
     1. ``n_needed = n_active - target_active`` (positive when sparsity must rise);
     2. ``n_drop = max(floor(zeta * n_active), n_needed)``, ``n_grow = n_drop - n_needed``;
@@ -171,7 +173,7 @@ def evolve(
         raise ValueError(f"Unknown grow method {grow_method!r}; choose one of {sorted(GROW_FUNCTIONS)}.")
     if grad is None and grow_method != "random":
         raise ValueError(f"Grow method {grow_method!r} needs the dense gradient, but the weight has no `.grad`.")
-    n_active = int(mask.sum().item())
+    n_active = int(mask.sum().item()) if n_active is None else n_active
     n_needed = n_active - target_active
     n_drop = max(int(math.floor(drop_fraction * n_active)), n_needed)
     n_grow = n_drop - n_needed

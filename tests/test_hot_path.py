@@ -193,3 +193,21 @@ def test_loaded_sparse_masks_are_kept_although_the_schedule_is_dense():
     for name, t in ctl.targets.items():
         assert not t.param.detach()[~ctl.masks.masks[name]].any(), name
     assert ctl.masks.sparsity() > 0.5
+
+
+def test_an_update_step_counts_each_layer_once_per_change_not_again_after_it(monkeypatch):
+    """An update step needs host numbers (how many weights to drop and grow), but the counts a layer already has are
+    not taken again: the active count before the update comes from the cache and the one after it from
+    ``before - removed + added``. Syncs left per layer: the removed and the added count."""
+    model = tiny_llama()
+    ctl = MSTController(model, _cfg(hsa_pattern="dense"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(3):
+        _step(model, ctl, optimizer, step)
+    ctl.masks.sparsity()  # every count cached, as after any earlier update or log
+    spy = _SyncSpy(monkeypatch)
+    _step(model, ctl, optimizer, 100)  # an update step
+    assert ctl.last_update_step == 100
+    assert len(spy.calls) <= 2 * len(ctl.targets) + 1  # + the finite-gradient check
+    counted = {n: int(m.sum()) for n, m in ctl.masks.masks.items()}
+    assert all(ctl.masks.active(n) == c for n, c in counted.items())  # the cached counts are the true ones
