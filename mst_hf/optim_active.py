@@ -11,8 +11,8 @@ parameter registered with :meth:`ActiveTileAdamW.track`, this optimizer keeps, w
     state["step"]                          one count per parameter, as torch's AdamW
 
 which is ``8 * density * (1 + 1 / B^2)`` bytes per fp32 weight (the index adds 8 bytes per active tile) where
-torch keeps 8. Each step it gathers the active tiles of the weight and of its gradient, runs torch's AdamW update on
-them (``foreach=False``: the same element-wise operations in the same order, so every active element gets the bits
+torch keeps 8. Each step it gathers the active tiles of the weight and of its gradient, runs torch's own
+single-tensor AdamW on them (``torch.optim.adamw.adamw``, ``foreach=False``, so every active element gets the bits
 torch's AdamW gives it), and scatters them back; pruned elements are never written and stay ``+0.0``. Parameters
 that are not tracked are updated exactly as torch's AdamW (``foreach=False``) updates them.
 
@@ -26,6 +26,7 @@ from itertools import chain
 
 import torch
 import torch.nn.functional as F
+from torch.optim.adamw import adamw as torch_adamw
 
 from . import sharding, topology
 from .masks import inner_optimizer
@@ -73,20 +74,10 @@ class _Tiles:
 
 
 def _adamw_(param, grad, exp_avg, exp_avg_sq, step_t, lr, beta1, beta2, weight_decay, eps) -> None:
-    """One AdamW step in place: torch's single-tensor AdamW (``amsgrad=False``, ``maximize=False``, not capturable),
-    operation for operation."""
-    step_t += 1
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    """One AdamW step in place, by torch's own single-tensor AdamW (``torch.optim.adamw.adamw``, ``foreach=False``):
+    the same bits torch's optimizer gives an element."""
+    torch_adamw([param], [grad], [exp_avg], [exp_avg_sq], [], [step_t], foreach=False, amsgrad=False,
+                            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
 
 
 def _new_step() -> torch.Tensor:
